@@ -1,0 +1,70 @@
+"""A consolidated model directory: ``model.safetensors`` + ``config.json`` + ``tokenizer.json``.
+
+The format for inference and fine-tuning (``distgpt generate``, ``distgpt checkpoint export``). Tensors go through
+safetensors, never pickle. A tied LM head is stored once (as the embedding) and re-tied on load.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from distgpt import storage
+from distgpt.data.tokenizer import Tokenizer, tokenizer_from_json
+from distgpt.model.config import GPTConfig
+from distgpt.model.gpt import GPT
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing or damaged; the message names the file."""
+
+
+def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's persistent state with a tied head dropped (it is the embedding)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_model_dir(uri: str, model: GPT, tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> None:
+    """Write the model, its config (+ ``extra`` metadata such as the step) and the tokenizer to ``uri``.
+
+    The config is written last: a directory without config.json is not a model.
+    """
+    storage.write_bytes(storage.join(uri, MODEL_FILE), st_save(model_tensors(model)))
+    storage.write_bytes(storage.join(uri, TOKENIZER_FILE), tokenizer.to_json().encode())
+    meta = {"format": "distgpt-model/1", "model": model.cfg.to_dict(), **(extra or {})}
+    storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
+
+
+def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """(model in eval mode, tokenizer, config metadata) from a directory written by ``save_model_dir``."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+    except storage.StorageError:
+        raise ModelDirError(
+            f"{storage.redact(uri)} is not a model directory (no {CONFIG_FILE}) — point --checkpoint at a "
+            f"training run's final/ directory or at the output of `distgpt checkpoint export`"
+        ) from None
+    cfg = GPTConfig.from_dict(meta["model"])
+    model = GPT(cfg)
+    try:
+        tensors = st_load(storage.read_bytes(storage.join(uri, MODEL_FILE)))
+    except Exception as e:
+        raise ModelDirError(f"{storage.redact(uri)}/{MODEL_FILE} cannot be read: {e}") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelDirError(f"{storage.redact(uri)}: weights do not match the config (missing {missing}, "
+                            f"unexpected {unexpected})")
+    tok = tokenizer_from_json(storage.read_bytes(storage.join(uri, TOKENIZER_FILE)).decode())
+    return model.to(device).eval(), tok, meta

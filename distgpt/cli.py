@@ -1,0 +1,149 @@
+"""The ``distgpt`` command: thin calls into the packages. Bad input → one clear message on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from distgpt.checkpoint.export import ModelDirError
+from distgpt.config_schema import ConfigError
+from distgpt.data.loader import DatasetError
+from distgpt.data.prepare import PrepareError
+from distgpt.data.sources import SourceError
+from distgpt.storage import StorageError
+
+USER_ERRORS = (ConfigError, DatasetError, PrepareError, SourceError, StorageError, ModelDirError)
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job file (TOML or YAML), e.g. jobs/demo.toml")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Prepare data if needed, train, save the final model, print a sample."""
+    from distgpt.config import load_job
+    from distgpt.model.generate import SamplingConfig, generate_text
+    from distgpt.trainer import Trainer, ensure_prepared
+
+    job = load_job(args.job, overrides)
+    ensure_prepared(job)
+    trainer = Trainer(job)
+    result = trainer.fit()
+    first, last = result.losses[0], result.losses[-1]
+    val = f", val loss {list(result.val_losses.values())[-1]:.4f}" if result.val_losses else ""
+    print(f"trained {result.steps} steps: loss {first:.4f} → {last:.4f}{val}; {result.tokens_per_s:,.0f} tokens/s")
+    s = job.sample
+    print(f"--- sample (prompt {s.prompt!r}) ---")
+    print(s.prompt, end="")
+    cfg = SamplingConfig(s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=job.run.seed)
+    for piece in generate_text(trainer.model, trainer.tokenizer, s.prompt, cfg):
+        print(piece, end="", flush=True)
+    print(f"\n--- generate more: distgpt generate --checkpoint {result.final_dir} --prompt '...' ---")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Tokenize and shard the job's corpus."""
+    from distgpt.config import load_job
+    from distgpt.data.prepare import PrepareSpec, prepare
+
+    job = load_job(args.job, overrides)
+    d = job.data
+    out = args.out or job.prepared_dir
+    spec = PrepareSpec(tuple(d.sources), out, d.tokenizer, d.vocab_size, d.seq_len, d.val_fraction, d.text_field,
+                       d.max_bytes, d.shard_samples)
+    prepare(spec)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Stream a continuation of --prompt from a saved model."""
+    from distgpt.checkpoint.export import load_model_dir
+    from distgpt.model.generate import SamplingConfig, generate_text
+
+    if overrides:
+        raise ConfigError([f"unexpected arguments: {' '.join(overrides)}"], "distgpt generate")
+    model, tok, _ = load_model_dir(args.checkpoint, args.device)
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    print(args.prompt, end="", flush=True)
+    for piece in generate_text(model, tok, args.prompt, cfg, stop=args.stop or ()):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Print the fully resolved job (defaults, file and overrides) as JSON."""
+    from distgpt.config import load_job
+    from distgpt.config_schema import to_dict
+
+    print(json.dumps(to_dict(load_job(args.job, overrides)), indent=2))
+    return 0
+
+
+def cmd_bench_trainer(args: argparse.Namespace, overrides: list[str]) -> int:
+    """distgpt trainer vs a minimal hand-written loop on the same model and data."""
+    from distgpt.bench.trainer_bench import run
+
+    return run(args.job, overrides, args.steps, args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
+    parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a job (prepares its data first if needed)")
+    _job_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved job configuration")
+    _job_args(p)
+    p.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize a corpus into Arrow shards + manifest")
+    _job_args(p)
+    p.add_argument("--out", help="where to write (default: the job's data.prepared)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate text from a saved model")
+    p.add_argument("--checkpoint", required=True, help="model directory (a run's final/ or an export)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("trainer", help="trainer overhead vs a hand-written PyTorch loop")
+    p.add_argument("job", nargs="?", default="jobs/bench.toml")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench_trainer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    func: Callable[[argparse.Namespace, list[str]], int] = args.func
+    try:
+        return func(args, rest)
+    except USER_ERRORS as e:
+        print(f"distgpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distgpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed job configuration: TOML or YAML files in ``jobs/`` plus ``--section.key=value`` overrides.
+
+Every problem (unknown key, wrong type, impossible value) is reported at once, each naming the key and the fix, as
+one ``ConfigError``; nothing is written before a config validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distgpt.config_schema import ConfigError, build
+from distgpt.model.config import GPTConfig
+from distgpt.model.presets import PRESETS, preset
+
+
+@dataclass
+class RunSection:
+    """Identity and output of a run."""
+
+    name: str = "run"
+    """Run name; also the default output directory runs/<name>."""
+    out_dir: str = ""
+    """Where logs and checkpoints go (default: runs/<name>)."""
+    seed: int = 1337
+    """Seed for initialisation, dropout and the data order."""
+
+
+@dataclass
+class ModelSection:
+    """The model: a preset plus any field of GPTConfig to override (unset fields keep the preset's)."""
+
+    preset: str = "tiny"
+    """One of: tiny, small, gpt2-124m, gpt2-350m, gpt2-1.3b, 6.7b, 13b."""
+    vocab_size: int = 0
+    """0: the tokenizer's vocabulary size."""
+    block_size: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    ffn_mult: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    pos_encoding: Literal["learned", "sinusoidal", "rotary"] | None = None
+    activation: Literal["gelu", "relu"] | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class DataSection:
+    """The corpus and how it is tokenized and cut into samples."""
+
+    sources: list[str] = field(default_factory=lambda: ["builtin:python-stdlib"])
+    """Files, directories or URIs (.txt/.md/.py, .jsonl, .parquet); 'builtin:python-stdlib' for Python's own source."""
+    prepared: str = ""
+    """Where the prepared dataset lives (default: data/<run.name>). Prepared on first use if missing."""
+    tokenizer: Literal["bpe", "byte"] = "bpe"
+    """Byte-level BPE trained on the corpus, or plain UTF-8 bytes."""
+    vocab_size: int = 4096
+    """BPE vocabulary size (ignored for 'byte', which has 257)."""
+    seq_len: int = 256
+    """Tokens per training sample; at most model.block_size."""
+    val_fraction: float = 0.05
+    """Share of the token stream (its tail) held out for validation."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl objects and .parquet columns."""
+    max_bytes: int = 0
+    """Read at most this many bytes of text (0: everything)."""
+    shard_samples: int = 100_000
+    """Samples per Arrow shard."""
+
+
+@dataclass
+class TrainSection:
+    """Optimisation and the training loop."""
+
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    global_batch_size: int = 32
+    """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 0
+    """Samples per forward/backward; the rest is gradient accumulation (0: the whole per-rank batch at once)."""
+    lr: float = 6e-4
+    """Peak learning rate (reached after warm-up)."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (never applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision: fp32, or bf16 autocast with fp32 master weights."""
+    eval_interval: int = 200
+    """Evaluate on the validation split every this many steps (0: only at the end)."""
+    eval_batches: int = 10
+    """Validation batches (of global_batch_size samples) per evaluation."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files next to the JSONL log."""
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (0: look up the GPU, or measure a matmul on CPU)."""
+    threads: int = 0
+    """torch intra-op threads on CPU (0: torch's default)."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu', or 'cuda'."""
+
+
+@dataclass
+class SampleSection:
+    """The text sample printed after training."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+
+
+@dataclass
+class JobConfig:
+    """A whole job file."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    @property
+    def out_dir(self) -> str:
+        """Resolved output directory."""
+        return self.run.out_dir or f"runs/{self.run.name}"
+
+    @property
+    def prepared_dir(self) -> str:
+        """Resolved prepared-data location."""
+        return self.data.prepared or f"data/{self.run.name}"
+
+    def gpt_config(self, tokenizer_vocab: int | None = None) -> GPTConfig:
+        """The model's GPTConfig: the preset, the overrides, and the tokenizer's vocabulary where vocab_size is 0."""
+        over = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)}
+        over = {k: v for k, v in over.items() if v is not None and k != "preset"}
+        if over.get("vocab_size", 0) == 0:
+            over.pop("vocab_size", None)
+            if tokenizer_vocab is not None:
+                over["vocab_size"] = tokenizer_vocab
+        return preset(self.model.preset, **over)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--a.b=value`` strings → nested dict. Values parse as TOML (numbers, booleans, arrays), else stay strings."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError([f"{arg}: overrides look like --section.key=value (e.g. --train.lr=3e-4)"], "overrides")
+        key, raw = arg[2:].split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--{key}: {p} is set twice as a value and a table"], "overrides")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such job file — see jobs/ for examples"], str(path))
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError([f"{path}: the top level must be a mapping of sections"], str(path))
+            return data
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError([f"{path}: not valid {path.suffix[1:].upper()}: {e}"], str(path)) from None
+    except Exception as e:  # yaml.YAMLError without importing yaml at module level
+        raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from None
+    raise ConfigError([f"{path}: job files end in .toml, .yaml or .yml"], str(path))
+
+
+def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:  # type: ignore[assignment]
+    """Load, override and validate a job. Raises ConfigError listing every problem."""
+    source = str(path) if path else "defaults"
+    data = _read_file(Path(path)) if path else {}
+    data = _merge(data, parse_overrides(list(overrides)))
+    problems: list[str] = []
+    job = _build_job(data, problems)
+    problems += validate(job)
+    if problems:
+        raise ConfigError(problems, source)
+    return job
+
+
+def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
+    known = [f.name for f in dataclasses.fields(JobConfig)]
+    for key in data:
+        if key not in known:
+            problems.append(f"{key}: unknown section — sections are {', '.join(known)}")
+    sections = {}
+    hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
+             "sample": SampleSection}
+    for name, cls in hints.items():
+        sections[name] = build(cls, data.get(name, {}), name, problems)
+    return JobConfig(**sections)
+
+
+def validate(job: JobConfig) -> list[str]:
+    """Impossible values and inconsistencies between sections, each as 'key: problem — fix'."""
+    p: list[str] = []
+    t, d = job.train, job.data
+    if job.model.preset not in PRESETS:
+        p.append(f"model.preset: unknown preset {job.model.preset!r} — choose one of {', '.join(PRESETS)}")
+        return p
+    vocab = 257 if d.tokenizer == "byte" else d.vocab_size
+    gpt = job.gpt_config(vocab)
+    p += [f"model.{msg}" for msg in gpt.problems()]
+    if job.model.vocab_size and job.model.vocab_size < vocab:
+        p.append(f"model.vocab_size: {job.model.vocab_size} is smaller than the tokenizer's {vocab} — use 0 (auto)")
+    positive = {"train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
+                "train.eval_batches": t.eval_batches, "train.log_interval": t.log_interval,
+                "data.seq_len": d.seq_len, "data.shard_samples": d.shard_samples, "sample.max_new_tokens": job.sample.max_new_tokens}
+    p += [f"{k}: must be ≥ 1, got {v}" for k, v in positive.items() if v < 1]
+    if d.seq_len > gpt.block_size:
+        p.append(f"data.seq_len: {d.seq_len} exceeds model.block_size {gpt.block_size} — lower data.seq_len "
+                 f"or raise model.block_size")
+    if t.micro_batch_size < 0 or (t.micro_batch_size and t.global_batch_size % t.micro_batch_size):
+        p.append(f"train.micro_batch_size: {t.micro_batch_size} must divide train.global_batch_size "
+                 f"{t.global_batch_size} (or be 0 for no accumulation)")
+    if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
+        p.append(f"train.lr / train.min_lr: need 0 ≤ min_lr ≤ lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.warmup_steps < 0 or t.eval_interval < 0 or t.weight_decay < 0 or t.grad_clip < 0:
+        p.append("train.warmup_steps / eval_interval / weight_decay / grad_clip: must not be negative")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            p.append(f"train.{name}: must be in [0, 1), got {getattr(t, name)}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        p.append(f"train.device: {t.device!r} — use 'auto', 'cpu' or 'cuda'")
+    if not 0 <= d.val_fraction <= 0.5:
+        p.append(f"data.val_fraction: must be in [0, 0.5], got {d.val_fraction}")
+    if d.tokenizer == "bpe" and d.vocab_size < 258:
+        p.append(f"data.vocab_size: BPE needs at least 258 tokens, got {d.vocab_size}")
+    if not d.sources:
+        p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
+    if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
+        p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
+    return p

@@ -1,0 +1,95 @@
+"""Generic, typed dict → dataclass conversion that collects every problem instead of stopping at the first.
+
+Kept apart from ``config.py`` (which declares the job's sections) so the sections read as plain documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """One or more problems in a job configuration, each naming the key and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "job config"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(tp: Any, value: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits type ``tp``; returns (ok, value converted where lossless, e.g. int → float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin is Literal:
+        return value in get_args(tp), value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            ok, v = check_value(arg, value)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        conv = [check_value(get_args(tp)[0], v) for v in value]
+        return all(ok for ok, _ in conv), [v for _, v in conv]
+    if tp is type(None):
+        return value is None, value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``; append 'prefix.key: …' problems; nested dataclasses recurse."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix}: expected a table of settings, got {type(data).__name__}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" — did you mean {prefix}.{near[0]}?" if near else f" — known keys: {', '.join(names)}"
+            problems.append(f"{prefix}.{key}: unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, value = hints[name], data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, f"{prefix}.{name}", problems)
+            continue
+        ok, conv = check_value(tp, value)
+        if ok:
+            kwargs[name] = conv
+        else:
+            problems.append(f"{prefix}.{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass tree as plain dicts (for logs and checkpoints)."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,151 @@
+"""Deterministic, resumable loading of prepared samples for any number of data-parallel ranks.
+
+The order is a pure function: global sample index g (counted from the start of training, across epochs) maps to
+epoch e = g // N, position p = g % N, and sample ``perm(seed, e)[p]``. Step s consumes global indices
+[s·B, (s+1)·B) for global batch B; data-parallel rank r takes its contiguous share of that range. So every rank
+computes its own samples with no communication, the loader's whole state is two integers (seed, consumed), and a
+run resumed with another data-parallel size (or other batch shares) continues at exactly the next global index —
+nothing repeated, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from distgpt import storage
+from distgpt.data.prepare import FORMAT, MANIFEST
+from distgpt.data.tokenizer import Tokenizer, tokenizer_from_json
+
+
+class DatasetError(ValueError):
+    """A prepared dataset is missing or unusable; the message says how to fix it."""
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of the prepared dataset at ``uri``."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    except storage.StorageError:
+        raise DatasetError(
+            f"no prepared dataset at {storage.redact(uri)} (no {MANIFEST}) — run `distgpt data prepare JOB` first"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{storage.redact(uri)}: unknown dataset format {manifest.get('format')!r}; expected {FORMAT}")
+    return manifest
+
+
+def load_tokenizer(uri: str) -> Tokenizer:
+    """The tokenizer saved with the prepared dataset at ``uri``."""
+    return tokenizer_from_json(storage.read_bytes(storage.join(uri, "tokenizer.json")).decode())
+
+
+class TokenDataset:
+    """One split of a prepared dataset as an (N, seq_len + 1) array; local shards are memory-mapped."""
+
+    def __init__(self, uri: str, split: str = "train"):
+        self.manifest = read_manifest(uri)
+        if split not in self.manifest["splits"]:
+            raise DatasetError(f"{storage.redact(uri)} has no split {split!r}")
+        info = self.manifest["splits"][split]
+        self.seq_len: int = self.manifest["seq_len"]
+        arrays = [self._open_shard(storage.join(uri, s["file"]), s["num_samples"]) for s in info["shards"]]
+        self.samples = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        if len(self.samples) == 0:
+            raise DatasetError(f"{storage.redact(uri)}: split {split!r} holds no samples")
+
+    def _open_shard(self, uri: str, expected: int) -> np.ndarray:
+        fs, path = storage.resolve(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            source = pa.memory_map(path)  # zero-copy: the OS pages samples in on demand
+        else:
+            source = pa.BufferReader(storage.read_bytes(uri))
+        col = pa.ipc.open_file(source).read_all().column("tokens").combine_chunks()
+        arr = col.values.to_numpy(zero_copy_only=True).reshape(-1, self.seq_len + 1)
+        if len(arr) != expected:
+            raise DatasetError(f"{storage.redact(uri)} holds {len(arr)} samples, manifest says {expected}")
+        return arr
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def take(self, ids: np.ndarray) -> torch.Tensor:
+        """Samples ``ids`` as an int64 tensor (k, seq_len + 1)."""
+        return torch.from_numpy(self.samples[ids].astype(np.int64))
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of sample ids for one epoch: a pure function of (n, seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def sample_ids(n: int, seed: int, start: int, count: int, shuffle: bool = True) -> np.ndarray:
+    """Sample ids of global indices start .. start+count-1 (crossing epoch boundaries as needed)."""
+    g = np.arange(start, start + count)
+    if not shuffle:
+        return g % n
+    out = np.empty(count, dtype=np.int64)
+    epochs = g // n
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, int(e))[g[sel] % n]
+    return out
+
+
+def even_shares(global_batch: int, dp: int) -> list[int]:
+    """Equal per-rank shares of a global batch (an error if it does not divide)."""
+    if global_batch % dp:
+        raise ValueError(f"global batch {global_batch} does not divide evenly over {dp} data-parallel ranks")
+    return [global_batch // dp] * dp
+
+
+class DataLoader:
+    """Yields this rank's (inputs, targets) for each step; state is (seed, consumed global samples)."""
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        global_batch: int,
+        seed: int,
+        dp_rank: int = 0,
+        shares: Sequence[int] | None = None,
+        shuffle: bool = True,
+    ):
+        self.dataset = dataset
+        self.global_batch = global_batch
+        self.seed = seed
+        self.shares = list(shares) if shares is not None else [global_batch]
+        if sum(self.shares) != global_batch or min(self.shares) < 0:
+            raise ValueError(f"batch shares {self.shares} must be non-negative and sum to {global_batch}")
+        self.dp_rank = dp_rank
+        self.offset = sum(self.shares[:dp_rank])
+        self.shuffle = shuffle
+        self.consumed = 0
+
+    def next_ids(self) -> np.ndarray:
+        """This rank's sample ids for the next step; advances the state by one global batch."""
+        ids = sample_ids(
+            len(self.dataset), self.seed, self.consumed + self.offset, self.shares[self.dp_rank], self.shuffle
+        )
+        self.consumed += self.global_batch
+        return ids
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (share, seq_len) int64."""
+        s = self.dataset.take(self.next_ids())
+        return s[:, :-1], s[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        """The two integers that fully determine where the loader is."""
+        return {"seed": self.seed, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (which may come from a run with another data-parallel size)."""
+        self.seed, self.consumed = int(state["seed"]), int(state["consumed"])

@@ -1,0 +1,156 @@
+"""Corpus → tokenizer + fixed-length token samples in Arrow IPC shards + a manifest written last.
+
+Layout of a prepared dataset (a local directory or any pyarrow.fs URI)::
+
+    tokenizer.json                     the tokenizer (see data/tokenizer.py)
+    train-00000.arrow ...              column ``tokens``: fixed_size_list<uint16|uint32>[seq_len + 1]
+    val-00000.arrow ...
+    manifest.json                      sample counts, shards with sizes and sha256, tokenizer, sources
+
+Documents are joined with the end-of-text token into one stream; sample i holds tokens [i·T, i·T + T] (T + 1 tokens:
+inputs and shifted targets), so every token except the first is a target exactly once. The last ``val_fraction`` of
+the stream is the validation split (as nanoGPT does), so no validation token is ever trained on.
+Arrow IPC (uncompressed) rather than Parquet: the loader memory-maps it and reads any sample in O(1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from distgpt import storage
+from distgpt.data.sources import SourceFile, expand_sources, read_documents
+from distgpt.data.tokenizer import Tokenizer, train_tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT = "distgpt-data/1"
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """What to prepare and how (the ``[data]`` section of a job maps onto this)."""
+
+    sources: tuple[str, ...]
+    out: str
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    max_bytes: int = 0  # 0: the whole corpus
+    shard_samples: int = 100_000
+    tokenizer_train_bytes: int = 50_000_000  # BPE merges are learned from at most this much text
+
+
+class PrepareError(ValueError):
+    """The corpus cannot become a dataset as asked; the message says why and what to change."""
+
+
+def _documents(files: list[SourceFile], text_field: str, max_bytes: int) -> Iterator[str]:
+    used = 0
+    for f in files:
+        for doc in read_documents(f, text_field):
+            if max_bytes and used >= max_bytes:
+                return
+            if max_bytes:
+                doc = doc[: max_bytes - used]
+            used += len(doc.encode("utf-8")) if max_bytes else 0
+            yield doc
+
+
+def _encode_stream(tok: Tokenizer, docs: Iterator[str], batch: int = 256) -> np.ndarray:
+    """All documents as one int64 token stream, each followed by the end-of-text token."""
+    parts: list[np.ndarray] = []
+    buf: list[str] = []
+    eot = np.array([tok.eot_id], dtype=np.int64)
+
+    def flush() -> None:
+        for ids in tok.encode_batch(buf):
+            parts.extend((np.asarray(ids, dtype=np.int64), eot))
+        buf.clear()
+
+    for doc in docs:
+        buf.append(doc)
+        if len(buf) >= batch:
+            flush()
+    flush()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _samples(stream: np.ndarray, seq_len: int, dtype: np.dtype) -> np.ndarray:
+    """(N, seq_len + 1) windows with stride seq_len (consecutive samples share one boundary token)."""
+    n = (len(stream) - 1) // seq_len
+    if n <= 0:
+        return np.zeros((0, seq_len + 1), dtype=dtype)
+    view = np.lib.stride_tricks.sliding_window_view(stream[: n * seq_len + 1], seq_len + 1)[::seq_len]
+    return np.ascontiguousarray(view, dtype=dtype)
+
+
+def _write_shards(out: str, split: str, samples: np.ndarray, shard_samples: int) -> list[dict]:
+    shards = []
+    width = samples.shape[1]
+    for k, start in enumerate(range(0, len(samples), shard_samples)):
+        chunk = samples[start : start + shard_samples]
+        values = pa.array(chunk.reshape(-1))
+        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, width)})
+        sink = io.BytesIO()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue()
+        name = f"{split}-{k:05d}.arrow"
+        storage.write_bytes(storage.join(out, name), data)
+        shards.append(
+            {"file": name, "num_samples": len(chunk), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+    return shards
+
+
+def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
+    """Build the dataset described by ``spec``; return its manifest. The manifest is written last, so an
+    interrupted run leaves no dataset that looks complete."""
+    t0 = time.perf_counter()
+    files = expand_sources(list(spec.sources))
+    progress(f"reading {len(files)} file(s) from {', '.join(storage.redact(s) for s in spec.sources)}")
+    train_text = _documents(files, spec.text_field, min(spec.max_bytes or spec.tokenizer_train_bytes,
+                                                        spec.tokenizer_train_bytes))
+    tok = train_tokenizer(spec.tokenizer, train_text, spec.vocab_size)
+    progress(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
+    stream = _encode_stream(tok, _documents(files, spec.text_field, spec.max_bytes))
+    n_val = int(len(stream) * spec.val_fraction)
+    need = (spec.seq_len + 1) * (2 if spec.val_fraction > 0 else 1)
+    if len(stream) - n_val < spec.seq_len + 1 or (spec.val_fraction > 0 and n_val < spec.seq_len + 1):
+        raise PrepareError(
+            f"the corpus gives {len(stream)} tokens, too few for one training and one validation sample of "
+            f"seq_len={spec.seq_len} (needs ≥ {need} after the split) — add text, lower data.seq_len, "
+            f"or raise data.val_fraction"
+        )
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+    splits = {}
+    for split, part in (("train", stream[: len(stream) - n_val]), ("val", stream[len(stream) - n_val :])):
+        samples = _samples(part, spec.seq_len, dtype)
+        shards = _write_shards(spec.out, split, samples, spec.shard_samples)
+        splits[split] = {"num_samples": len(samples), "num_tokens": int(len(part)), "shards": shards}
+    storage.write_bytes(storage.join(spec.out, "tokenizer.json"), tok.to_json().encode())
+    manifest = {
+        "format": FORMAT,
+        "seq_len": spec.seq_len,
+        "dtype": dtype.name,
+        "tokenizer": {"file": "tokenizer.json", "kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+        "sources": [storage.redact(s) for s in spec.sources],
+        "num_files": len(files),
+        "splits": splits,
+        "created_unix": time.time(),
+    }
+    storage.write_bytes(storage.join(spec.out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    progress(
+        f"prepared {splits['train']['num_samples']} train / {splits['val']['num_samples']} val samples of "
+        f"{spec.seq_len + 1} tokens in {time.perf_counter() - t0:.1f}s → {storage.redact(spec.out)}"
+    )
+    return manifest

@@ -1,0 +1,197 @@
+"""The per-rank training loop. No Ray here: it runs in one process, under torchrun, or inside a Ray worker.
+
+One step: for each micro-batch, forward under the chosen precision, scale the loss by the micro-batch's share of the
+rank's batch, backward (gradients accumulate); clip; AdamW step; schedule the next learning rate. Metrics (loss,
+tokens/s, MFU) go to JSONL / TensorBoard / the progress bar; evaluation runs on the validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from distgpt import storage
+from distgpt.checkpoint.export import save_model_dir
+from distgpt.config import JobConfig
+from distgpt.config_schema import to_dict
+from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest
+from distgpt.data.prepare import PrepareSpec, prepare
+from distgpt.metrics import MetricsSink, peak_flops, progress_bar
+from distgpt.model.gpt import GPT, lm_loss
+from distgpt.model.presets import flops_per_token, mfu, param_count
+from distgpt.optim import lr_at, make_optimizer
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    losses: list[float]
+    """Training loss of every step (mean over the global batch)."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by step."""
+    tokens_per_s: float = 0.0
+    """Mean throughput over the steps after the first (which pays one-off costs)."""
+    step_times: list[float] = field(default_factory=list)
+    loop_time: float = 0.0
+    """Wall time of the training loop (steps, logging, progress), evaluation excluded."""
+    final_dir: str = ""
+
+
+def ensure_prepared(job: JobConfig, progress=print) -> dict:
+    """The manifest of the job's prepared dataset, preparing it first when none exists (or its seq_len differs)."""
+    uri = job.prepared_dir
+    if storage.exists(storage.join(uri, "manifest.json")):
+        manifest = read_manifest(uri)
+        if manifest["seq_len"] == job.data.seq_len:
+            return manifest
+        progress(f"prepared data at {uri} has seq_len {manifest['seq_len']}, job wants {job.data.seq_len}: re-preparing")
+    d = job.data
+    spec = PrepareSpec(tuple(d.sources), uri, d.tokenizer, d.vocab_size, d.seq_len, d.val_fraction, d.text_field,
+                       d.max_bytes, d.shard_samples)
+    return prepare(spec, progress)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible — use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Trainer:
+    """Single-process training of one job (later issues drive the same loop per rank)."""
+
+    def __init__(self, job: JobConfig, log=print):
+        self.job, self.log = job, log
+        t = job.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.tokenizer = load_tokenizer(job.prepared_dir)
+        self.train_set = TokenDataset(job.prepared_dir, "train")
+        self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
+        self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
+        torch.manual_seed(job.run.seed)  # same seed ⇒ same init, dropout and therefore same losses
+        self.model = GPT(self.gpt_cfg).to(self.device)
+        self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+        self.loader = DataLoader(self.train_set, t.global_batch_size, job.run.seed)
+        self.micro = t.micro_batch_size or t.global_batch_size
+        self.seq_len = self.train_set.seq_len
+        self.step = 0
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if t.dtype == "bf16" else contextlib.nullcontext()
+        )
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over a global batch; returns (loss, grad norm) as 0-d tensors (no host sync)."""
+        t = self.job.train
+        lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x_all, y_all = self.loader.next_batch()
+        total = torch.zeros((), device=self.device)
+        n = len(x_all)
+        for i in range(0, n, self.micro):
+            x = x_all[i : i + self.micro].to(self.device, non_blocking=True)
+            y = y_all[i : i + self.micro].to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = lm_loss(self.model(x), y) * (len(x) / n)  # weights sum to 1: the batch mean
+            loss.backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first eval_batches × global_batch_size validation samples (a fixed set)."""
+        assert self.val_set is not None
+        self.model.eval()
+        t = self.job.train
+        n = min(len(self.val_set), t.eval_batches * t.global_batch_size)
+        total, count = 0.0, 0
+        for start in range(0, n, self.micro):
+            s = self.val_set.take(np.arange(start, min(n, start + self.micro))).to(self.device)
+            with self.autocast:
+                total += lm_loss(self.model(s[:, :-1]), s[:, 1:]).item() * len(s)
+            count += len(s)
+        self.model.train()
+        return total / count
+
+    def fit(self) -> TrainResult:
+        """Run to train.max_steps; write metrics and the final model; return the losses."""
+        job, t = self.job, self.job.train
+        sink = MetricsSink(job.out_dir, t.tensorboard)
+        peak, peak_src = peak_flops(self.device, t.peak_tflops)
+        n_params = param_count(self.gpt_cfg)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
+                 f"{self.gpt_cfg.pos_encoding} positions | data: {len(self.train_set)} train samples of "
+                 f"{self.seq_len} tokens | device: {self.device} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+        sink.write({"step": 0, "kind": "config", "job": to_dict(job), "params": n_params, "peak_flops": peak})
+        result = TrainResult(steps=0, losses=[])
+        tokens_per_step = t.global_batch_size * self.seq_len
+        bar = progress_bar(t.max_steps, self.step, t.progress)
+        pending: list[torch.Tensor] = []
+        loop_start, eval_time = time.perf_counter(), 0.0
+        try:
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                loss, norm = self.train_step()
+                pending.append(loss)
+                result.step_times.append(time.perf_counter() - t0)
+                bar.update(1)
+                if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                    result.losses += [float(x) for x in pending]  # one host sync per log interval
+                    pending.clear()
+                    self._log_train(sink, bar, result, float(norm), tokens_per_step, peak)
+                if self.val_set is not None and (
+                    (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps
+                ):
+                    e0 = time.perf_counter()
+                    val = self.evaluate()
+                    eval_time += time.perf_counter() - e0
+                    result.val_losses[self.step] = val
+                    sink.write({"step": self.step, "kind": "val", "loss": val})
+                    bar.write(f"step {self.step}: val loss {val:.4f}")
+        finally:
+            bar.close()
+            sink.close()
+        result.loop_time = time.perf_counter() - loop_start - eval_time
+        result.steps = self.step
+        steady = result.step_times[1:] or result.step_times
+        result.tokens_per_s = tokens_per_step * len(steady) / sum(steady)
+        result.final_dir = os.path.join(job.out_dir, "final")
+        save_model_dir(result.final_dir, self.model, self.tokenizer, {"step": self.step, "job": to_dict(job)})
+        self.log(f"saved final model to {result.final_dir}")
+        return result
+
+    def _log_train(self, sink: MetricsSink, bar, result: TrainResult, norm: float, tokens: int, peak: float) -> None:
+        t = self.job.train
+        window = result.step_times[-t.log_interval :]
+        tps = tokens * len(window) / sum(window)
+        rec = {
+            "step": self.step,
+            "loss": result.losses[-1],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": norm,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,
+            "step_time_s": window[-1],
+            "tokens_seen": self.step * tokens,
+        }
+        sink.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
