@@ -52,7 +52,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     job = load_job(args.job, overrides)
     d = job.data
     out = args.out or job.prepared_dir
-    spec = PrepareSpec(tuple(d.sources), out, d.tokenizer, d.vocab_size, d.seq_len, d.val_fraction, d.text_field,
+    spec = PrepareSpec(tuple(d.sources), out, d.tokenizer, d.vocab_size, job.seq_len, d.val_fraction, d.text_field,
                        d.max_bytes, d.shard_samples)
     prepare(spec)
     return 0
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("trainer", help="trainer overhead vs a hand-written PyTorch loop")
-    p.add_argument("job", nargs="?", default="jobs/bench.toml")
+    p.add_argument("job", nargs="?", default="jobs/demo.toml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench_trainer)

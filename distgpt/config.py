@@ -7,10 +7,11 @@ one ``ConfigError``; nothing is written before a config validates.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from distgpt.config_schema import ConfigError, build
 from distgpt.model.config import GPTConfig
@@ -61,8 +62,8 @@ class DataSection:
     """Byte-level BPE trained on the corpus, or plain UTF-8 bytes."""
     vocab_size: int = 4096
     """BPE vocabulary size (ignored for 'byte', which has 257)."""
-    seq_len: int = 256
-    """Tokens per training sample; at most model.block_size."""
+    seq_len: int = 0
+    """Tokens per training sample; at most model.block_size (0: model.block_size)."""
     val_fraction: float = 0.05
     """Share of the token stream (its tail) held out for validation."""
     text_field: str = "text"
@@ -145,6 +146,11 @@ class JobConfig:
     def prepared_dir(self) -> str:
         """Resolved prepared-data location."""
         return self.data.prepared or f"data/{self.run.name}"
+
+    @property
+    def seq_len(self) -> int:
+        """Resolved tokens per sample."""
+        return self.data.seq_len or self.gpt_config().block_size
 
     def gpt_config(self, tokenizer_vocab: int | None = None) -> GPTConfig:
         """The model's GPTConfig: the preset, the overrides, and the tokenizer's vocabulary where vocab_size is 0."""
@@ -248,8 +254,10 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"model.vocab_size: {job.model.vocab_size} is smaller than the tokenizer's {vocab} — use 0 (auto)")
     positive = {"train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
                 "train.eval_batches": t.eval_batches, "train.log_interval": t.log_interval,
-                "data.seq_len": d.seq_len, "data.shard_samples": d.shard_samples, "sample.max_new_tokens": job.sample.max_new_tokens}
+                "data.shard_samples": d.shard_samples, "sample.max_new_tokens": job.sample.max_new_tokens}
     p += [f"{k}: must be ≥ 1, got {v}" for k, v in positive.items() if v < 1]
+    if d.seq_len < 0:
+        p.append(f"data.seq_len: must be ≥ 0 (0: model.block_size), got {d.seq_len}")
     if d.seq_len > gpt.block_size:
         p.append(f"data.seq_len: {d.seq_len} exceeds model.block_size {gpt.block_size} — lower data.seq_len "
                  f"or raise model.block_size")

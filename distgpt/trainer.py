@@ -23,7 +23,7 @@ from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_m
 from distgpt.data.prepare import PrepareSpec, prepare
 from distgpt.metrics import MetricsSink, peak_flops, progress_bar
 from distgpt.model.gpt import GPT, lm_loss
-from distgpt.model.presets import flops_per_token, mfu, param_count
+from distgpt.model.presets import mfu, param_count
 from distgpt.optim import lr_at, make_optimizer
 
 
@@ -49,11 +49,11 @@ def ensure_prepared(job: JobConfig, progress=print) -> dict:
     uri = job.prepared_dir
     if storage.exists(storage.join(uri, "manifest.json")):
         manifest = read_manifest(uri)
-        if manifest["seq_len"] == job.data.seq_len:
+        if manifest["seq_len"] == job.seq_len:
             return manifest
-        progress(f"prepared data at {uri} has seq_len {manifest['seq_len']}, job wants {job.data.seq_len}: re-preparing")
+        progress(f"prepared data at {uri} has seq_len {manifest['seq_len']}, job wants {job.seq_len}: re-preparing")
     d = job.data
-    spec = PrepareSpec(tuple(d.sources), uri, d.tokenizer, d.vocab_size, d.seq_len, d.val_fraction, d.text_field,
+    spec = PrepareSpec(tuple(d.sources), uri, d.tokenizer, d.vocab_size, job.seq_len, d.val_fraction, d.text_field,
                        d.max_bytes, d.shard_samples)
     return prepare(spec, progress)
 

@@ -37,7 +37,10 @@ def read_manifest(uri: str) -> dict:
             f"no prepared dataset at {storage.redact(uri)} (no {MANIFEST}) — run `distgpt data prepare JOB` first"
         ) from None
     if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{storage.redact(uri)}: unknown dataset format {manifest.get('format')!r}; expected {FORMAT}")
+        raise DatasetError(
+            f"{storage.redact(uri)}: unknown dataset format {manifest.get('format')!r}; expected {FORMAT} — "
+            f"prepare it again with this version of distgpt"
+        )
     return manifest
 
 

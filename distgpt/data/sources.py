@@ -21,7 +21,10 @@ BUILTIN_STDLIB = "builtin:python-stdlib"
 PLAIN_TEXT = (".txt", ".md", ".rst", ".py", ".text")
 STRUCTURED = (".jsonl", ".parquet")
 # Vendored packages and test data are not "the standard library's own source", and lib2to3/test hold odd encodings.
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "ensurepip", "__pycache__"}
+_STDLIB_SKIP = {
+    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "ensurepip", "__pycache__",
+    "encodings", "pydoc_data",  # code-page tables and a docs dump: data, not code
+}
 
 
 class SourceError(ValueError):

@@ -60,11 +60,11 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, inner: "object"):
+    def __init__(self, inner: object):
         self._tok = inner  # tokenizers.Tokenizer; typed loosely to keep the import lazy
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn merges from ``texts`` up to ``vocab_size`` tokens (256 byte tokens + EOT + merges)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers

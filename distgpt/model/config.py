@@ -67,7 +67,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a dict, ignoring nothing: unknown keys raise a KeyError naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small prepared dataset (byte tokenizer, Python stdlib text) built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distgpt.config import JobConfig, load_job
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """A prepared byte-level dataset of ~200 KB of stdlib source, seq_len 64."""
+    from distgpt.data.prepare import PrepareSpec, prepare
+
+    out = str(tmp_path_factory.mktemp("tinydata"))
+    spec = PrepareSpec(("builtin:python-stdlib",), out, "byte", 0, 64, 0.1, max_bytes=200_000)
+    prepare(spec, progress=lambda s: None)
+    return out
+
+
+def tiny_job(tiny_data: str, out_dir: str, *overrides: str) -> JobConfig:
+    """jobs/tiny.toml pointed at the shared dataset and a private output directory, no progress bar."""
+    return load_job(
+        REPO / "jobs" / "tiny.toml",
+        [f"--data.prepared={tiny_data}", f"--run.out_dir={out_dir}", "--train.progress=false", *overrides],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_default(monkeypatch):
+    """Tests run on 2 cores, often side by side: keep torch to the threads it is given."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))

@@ -1,0 +1,78 @@
+"""The single-process trainer: determinism, gradient accumulation, schedule, logging, the saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distgpt.checkpoint.export import load_model_dir
+from distgpt.cli import main
+from distgpt.model.gpt import GPT
+from distgpt.optim import lr_at, param_groups
+from distgpt.trainer import Trainer
+
+from ..conftest import tiny_job
+
+
+def run(tiny_data, out, *over):
+    return Trainer(tiny_job(tiny_data, str(out), *over), log=lambda s: None).fit()
+
+
+def test_same_seed_same_losses_bit_for_bit(tiny_data, tmp_path):
+    over = ("--train.max_steps=6", "--model.dropout=0.1")  # dropout: the RNG must be seeded too
+    a, b = run(tiny_data, tmp_path / "a", *over), run(tiny_data, tmp_path / "b", *over)
+    assert a.losses == b.losses and len(a.losses) == 6
+    c = run(tiny_data, tmp_path / "c", *over, "--run.seed=2")
+    assert c.losses != a.losses
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
+    big = run(tiny_data, tmp_path / "a", "--train.max_steps=4", "--train.micro_batch_size=8")
+    acc = run(tiny_data, tmp_path / "b", "--train.max_steps=4", "--train.micro_batch_size=2")
+    assert acc.losses == pytest.approx(big.losses, rel=1e-5)
+
+
+def test_loss_falls_and_everything_is_logged(tiny_data, tmp_path):
+    res = run(tiny_data, tmp_path, "--train.tensorboard=true")
+    assert res.losses[-1] < res.losses[0] - 0.5
+    assert set(res.val_losses) == {10, 20}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") is None]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_final_model_reloads_exactly(tiny_data, tmp_path):
+    trainer = Trainer(tiny_job(tiny_data, str(tmp_path), "--train.max_steps=3"), log=lambda s: None)
+    res = trainer.fit()
+    model, tok, meta = load_model_dir(res.final_dir)
+    x = torch.randint(0, 257, (2, 16))
+    torch.testing.assert_close(model(x), trainer.model.eval()(x), rtol=0, atol=0)
+    assert meta["step"] == 3 and tok.vocab_size == 257
+
+
+def test_generate_command_streams_from_saved_model(tiny_data, tmp_path, capsys):
+    res = run(tiny_data, tmp_path, "--train.max_steps=2")
+    capsys.readouterr()  # drop the trainer's own output
+    assert main(["generate", "--checkpoint", res.final_dir, "--prompt", "import", "--max-new-tokens", "12",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("import")
+    assert main(["generate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+
+
+def test_schedule_and_no_decay_groups():
+    assert lr_at(0, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    from distgpt.model.presets import preset
+
+    model = GPT(preset("tiny"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert model.tok_emb.weight in no_decay["params"]  # embeddings (and the tied head) never decay
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
