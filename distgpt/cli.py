@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,10 +28,17 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from distgpt.model.generate import SamplingConfig, generate_text
     from distgpt.trainer import Trainer, ensure_prepared
 
+    from distgpt.checkpoint.export import load_model_dir
+    from distgpt.planner.plan import Plan
+
     job = load_job(args.job, overrides)
-    ensure_prepared(job)
-    trainer = Trainer(job)
+    plan = Plan.from_json(open(args.plan).read()) if args.plan else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_prepared(job)
+    trainer = Trainer(job, plan=plan)  # under torchrun, joins the process group (other ranks wait for the data)
     result = trainer.fit()
+    if not trainer.is_logger:
+        return 0
     first, last = result.losses[0], result.losses[-1]
     val = f", val loss {list(result.val_losses.values())[-1]:.4f}" if result.val_losses else ""
     print(f"trained {result.steps} steps: loss {first:.4f} → {last:.4f}{val}; {result.tokens_per_s:,.0f} tokens/s")
@@ -38,7 +46,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"--- sample (prompt {s.prompt!r}) ---")
     print(s.prompt, end="")
     cfg = SamplingConfig(s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=job.run.seed)
-    for piece in generate_text(trainer.model, trainer.tokenizer, s.prompt, cfg):
+    model, tok, _ = load_model_dir(result.final_dir)
+    for piece in generate_text(model, tok, s.prompt, cfg):
         print(piece, end="", flush=True)
     print(f"\n--- generate more: distgpt generate --checkpoint {result.final_dir} --prompt '...' ---")
     return 0
@@ -97,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a job (prepares its data first if needed)")
     _job_args(p)
+    p.add_argument("--plan", help="a Plan as JSON (replaces the job's [plan] section)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved job configuration")

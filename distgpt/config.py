@@ -16,6 +16,7 @@ import tomllib
 from distgpt.config_schema import ConfigError, build
 from distgpt.model.config import GPTConfig
 from distgpt.model.presets import PRESETS, preset
+from distgpt.planner.plan import Plan
 
 
 @dataclass
@@ -136,6 +137,8 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    plan: Plan = field(default_factory=Plan)
+    """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
 
     @property
     def out_dir(self) -> str:
@@ -234,7 +237,7 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
             problems.append(f"{key}: unknown section — sections are {', '.join(known)}")
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-             "sample": SampleSection}
+             "sample": SampleSection, "plan": Plan}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -279,6 +282,8 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"data.vocab_size: BPE needs at least 258 tokens, got {d.vocab_size}")
     if not d.sources:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
+    plan = job.plan.with_micro_batch(t.micro_batch_size)
+    p += [f"plan.{msg}" for msg in plan.problems(gpt, None, t.global_batch_size)]
     if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
         p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
     return p

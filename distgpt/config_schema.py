@@ -27,7 +27,7 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is list:
+    if get_origin(tp) in (list, tuple):
         return f"list of {_type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
@@ -45,11 +45,12 @@ def check_value(tp: Any, value: Any) -> tuple[bool, Any]:
             if ok:
                 return True, v
         return False, value
-    if origin is list:
-        if not isinstance(value, list):
+    if origin in (list, tuple):  # tuple[X, ...] fields take TOML arrays too
+        if not isinstance(value, (list, tuple)):
             return False, value
         conv = [check_value(get_args(tp)[0], v) for v in value]
-        return all(ok for ok, _ in conv), [v for _, v in conv]
+        out = [v for _, v in conv]
+        return all(ok for ok, _ in conv), tuple(out) if origin is tuple else out
     if tp is type(None):
         return value is None, value
     if tp is float:

@@ -13,11 +13,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     seen: set[int] = set()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
+    # A pipeline's last stage holds a tied head without the embedding: it is still an embedding.
+    tied = any(getattr(getattr(m, "cfg", None), "tie_embeddings", False) for m in model.modules())
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear once
-        (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+        is_embedding = id(p) in embeddings or (tied and name.endswith("lm_head.weight"))
+        (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

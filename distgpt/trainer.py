@@ -7,12 +7,11 @@ tokens/s, MFU) go to JSONL / TensorBoard / the progress bar; evaluation runs on 
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from distgpt import storage
@@ -22,9 +21,12 @@ from distgpt.config_schema import to_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest
 from distgpt.data.prepare import PrepareSpec, prepare
 from distgpt.metrics import MetricsSink, peak_flops, progress_bar
-from distgpt.model.gpt import GPT, lm_loss
+from distgpt.model.gpt import GPT
 from distgpt.model.presets import mfu, param_count
-from distgpt.optim import lr_at, make_optimizer
+from distgpt.optim import lr_at
+from distgpt.parallel import OptimSettings, full_state_dict, parallelize
+from distgpt.parallel.mesh import build_mesh, init_distributed
+from distgpt.planner.plan import Plan
 
 
 @dataclass
@@ -68,83 +70,84 @@ def pick_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Single-process training of one job (later issues drive the same loop per rank)."""
+    """Training of one job on this rank. With one process the Plan is trivial; under torchrun (or a Ray worker that
+    has joined a process group) every rank runs the same Trainer and the engine shards the work as the Plan says."""
 
-    def __init__(self, job: JobConfig, log=print):
-        self.job, self.log = job, log
+    def __init__(self, job: JobConfig, log=print, plan: Plan | None = None):
+        self.job = job
         t = job.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
+        init_distributed()
+        self.plan = plan or job.plan
+        self.mesh = build_mesh(self.plan, pick_device(t.device) if self.plan.world_size == 1 else None)
+        self.device = self.mesh.device
+        self.is_logger = self.mesh.rank == 0
+        self.log = log if self.is_logger else (lambda s: None)
         self.tokenizer = load_tokenizer(job.prepared_dir)
         self.train_set = TokenDataset(job.prepared_dir, "train")
         self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
         self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
-        torch.manual_seed(job.run.seed)  # same seed ⇒ same init, dropout and therefore same losses
-        self.model = GPT(self.gpt_cfg).to(self.device)
-        self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2))
-        self.loader = DataLoader(self.train_set, t.global_batch_size, job.run.seed)
-        self.micro = t.micro_batch_size or t.global_batch_size
+        torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
+        model = GPT(self.gpt_cfg)
+        self.engine = parallelize(model, self.mesh, OptimSettings(
+            t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, t.micro_batch_size))
+        if t.dtype == "bf16":
+            self.engine.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        self.shares = self.plan.shares(t.global_batch_size)
+        self.loader = DataLoader(self.train_set, t.global_batch_size, job.run.seed, self.mesh.coords["dp"],
+                                 self.shares)
         self.seq_len = self.train_set.seq_len
         self.step = 0
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if t.dtype == "bf16" else contextlib.nullcontext()
-        )
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over a global batch; returns (loss, grad norm) as 0-d tensors (no host sync)."""
+        """One optimizer step over a global batch; returns (global mean loss, grad norm) as 0-d tensors."""
         t = self.job.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x_all, y_all = self.loader.next_batch()
-        total = torch.zeros((), device=self.device)
-        n = len(x_all)
-        for i in range(0, n, self.micro):
-            x = x_all[i : i + self.micro].to(self.device, non_blocking=True)
-            y = y_all[i : i + self.micro].to(self.device, non_blocking=True)
-            with self.autocast:
-                loss = lm_loss(self.model(x), y) * (len(x) / n)  # weights sum to 1: the batch mean
-            loss.backward()
-            total += loss.detach()
-        if t.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        else:
-            norm = torch.zeros((), device=self.device)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        x, y = self.loader.next_batch()
+        loss, norm = self.engine.train_step(x, y, lr, t.grad_clip)
         self.step += 1
-        return total, norm
+        return loss, norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first eval_batches × global_batch_size validation samples (a fixed set)."""
+        """Mean loss over a fixed validation set: the first eval_batches global batches, in order."""
         assert self.val_set is not None
-        self.model.eval()
+        for m in self.engine.modules:
+            m.eval()
         t = self.job.train
-        n = min(len(self.val_set), t.eval_batches * t.global_batch_size)
-        total, count = 0.0, 0
-        for start in range(0, n, self.micro):
-            s = self.val_set.take(np.arange(start, min(n, start + self.micro))).to(self.device)
-            with self.autocast:
-                total += lm_loss(self.model(s[:, :-1]), s[:, 1:]).item() * len(s)
-            count += len(s)
-        self.model.train()
-        return total / count
+        val = DataLoader(self.val_set, t.global_batch_size, 0, self.mesh.coords["dp"], self.shares, shuffle=False)
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.eval_batches):
+            x, y = val.next_batch()
+            total += self.engine.eval_sum(x, y)
+        group = self.mesh.group("dp")
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+        for m in self.engine.modules:
+            m.train()
+        return float(total) / (t.eval_batches * t.global_batch_size)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (a collective: all ranks must call it)."""
+        return full_state_dict(self.engine)
 
     def fit(self) -> TrainResult:
         """Run to train.max_steps; write metrics and the final model; return the losses."""
         job, t = self.job, self.job.train
-        sink = MetricsSink(job.out_dir, t.tensorboard)
-        peak, peak_src = peak_flops(self.device, t.peak_tflops)
+        sink = MetricsSink(job.out_dir, t.tensorboard) if self.is_logger else None
+        peak, peak_src = peak_flops(self.device, t.peak_tflops) if self.is_logger else (0.0, "")
+        peak *= self.mesh.plan.world_size  # MFU of the whole job: all devices' peaks
         n_params = param_count(self.gpt_cfg)
         self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
                  f"{self.gpt_cfg.pos_encoding} positions | data: {len(self.train_set)} train samples of "
-                 f"{self.seq_len} tokens | device: {self.device} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
-        sink.write({"step": 0, "kind": "config", "job": to_dict(job), "params": n_params, "peak_flops": peak})
+                 f"{self.seq_len} tokens | device: {self.device} | plan: {self.plan.describe()} | "
+                 f"MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+        if sink:
+            sink.write({"step": 0, "kind": "config", "job": to_dict(job), "params": n_params, "peak_flops": peak})
         result = TrainResult(steps=0, losses=[])
         tokens_per_step = t.global_batch_size * self.seq_len
-        bar = progress_bar(t.max_steps, self.step, t.progress)
+        bar = progress_bar(t.max_steps, self.step, t.progress and self.is_logger)
         pending: list[torch.Tensor] = []
         loop_start, eval_time = time.perf_counter(), 0.0
         try:
@@ -157,7 +160,8 @@ class Trainer:
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
                     result.losses += [float(x) for x in pending]  # one host sync per log interval
                     pending.clear()
-                    self._log_train(sink, bar, result, float(norm), tokens_per_step, peak)
+                    if sink:
+                        self._log_train(sink, bar, result, float(norm), tokens_per_step, peak)
                 if self.val_set is not None and (
                     (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps
                 ):
@@ -165,17 +169,22 @@ class Trainer:
                     val = self.evaluate()
                     eval_time += time.perf_counter() - e0
                     result.val_losses[self.step] = val
-                    sink.write({"step": self.step, "kind": "val", "loss": val})
-                    bar.write(f"step {self.step}: val loss {val:.4f}")
+                    if sink:
+                        sink.write({"step": self.step, "kind": "val", "loss": val})
+                        bar.write(f"step {self.step}: val loss {val:.4f}")
         finally:
             bar.close()
-            sink.close()
+            if sink:
+                sink.close()
         result.loop_time = time.perf_counter() - loop_start - eval_time
         result.steps = self.step
         steady = result.step_times[1:] or result.step_times
         result.tokens_per_s = tokens_per_step * len(steady) / sum(steady)
         result.final_dir = os.path.join(job.out_dir, "final")
-        save_model_dir(result.final_dir, self.model, self.tokenizer, {"step": self.step, "job": to_dict(job)})
+        weights = self.full_state_dict()  # collective: every rank takes part
+        if self.is_logger:
+            meta = {"step": self.step, "job": to_dict(job), "plan": json.loads(self.plan.to_json())}
+            save_model_dir(result.final_dir, weights, self.gpt_cfg, self.tokenizer, meta)
         self.log(f"saved final model to {result.final_dir}")
         return result
 
@@ -186,7 +195,7 @@ class Trainer:
         rec = {
             "step": self.step,
             "loss": result.losses[-1],
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": norm,
             "tokens_per_s": tps,
             "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,

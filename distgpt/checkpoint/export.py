@@ -35,14 +35,15 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save_model_dir(uri: str, model: GPT, tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> None:
-    """Write the model, its config (+ ``extra`` metadata such as the step) and the tokenizer to ``uri``.
-
-    The config is written last: a directory without config.json is not a model.
+def save_model_dir(uri: str, model: GPT | dict[str, torch.Tensor], cfg: GPTConfig, tokenizer: Tokenizer,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write the model (a GPT or its full tensors), its config (+ ``extra`` metadata such as the step) and the
+    tokenizer to ``uri``. The config is written last: a directory without config.json is not a model.
     """
-    storage.write_bytes(storage.join(uri, MODEL_FILE), st_save(model_tensors(model)))
+    tensors = model_tensors(model) if isinstance(model, GPT) else model
+    storage.write_bytes(storage.join(uri, MODEL_FILE), st_save({k: v.contiguous() for k, v in tensors.items()}))
     storage.write_bytes(storage.join(uri, TOKENIZER_FILE), tokenizer.to_json().encode())
-    meta = {"format": "distgpt-model/1", "model": model.cfg.to_dict(), **(extra or {})}
+    meta = {"format": "distgpt-model/1", "model": cfg.to_dict(), **(extra or {})}
     storage.write_bytes(storage.join(uri, CONFIG_FILE), json.dumps(meta, indent=2).encode())
 
 

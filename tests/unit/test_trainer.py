@@ -50,7 +50,7 @@ def test_final_model_reloads_exactly(tiny_data, tmp_path):
     res = trainer.fit()
     model, tok, meta = load_model_dir(res.final_dir)
     x = torch.randint(0, 257, (2, 16))
-    torch.testing.assert_close(model(x), trainer.model.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(model(x), trainer.engine.modules[0].eval()(x), rtol=0, atol=0)
     assert meta["step"] == 3 and tok.vocab_size == 257
 
 

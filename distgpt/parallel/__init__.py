@@ -1,0 +1,119 @@
+"""``parallelize(model, plan, mesh)`` — the one entry point that turns a plain GPT into a training engine.
+
+Order (as torchtitan): pipeline split → tensor parallel → activation recomputation → data parallel → optimizer →
+pipeline stages and schedule. What composes (anything else is rejected by ``Plan.validate``):
+
+    dp engine  | + tp | + pp | uneven batch shares
+    ddp        |  no  | yes  | yes
+    fsdp       | yes  |  no  | yes
+    deepspeed  |  no  |  no  | no
+    (tp × pp composes with dp = 1, or with ddp when dp > 1 is not needed)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from distgpt.model.gpt import GPT
+from distgpt.optim import make_optimizer, param_groups
+from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, deepspeed_config
+from distgpt.parallel.engine import Engine, LocalEngine
+from distgpt.parallel.mesh import ParallelMesh
+from distgpt.parallel.pp import PipelineEngine, carve_stage, stage_chunk_ids
+from distgpt.parallel.recompute import apply_recompute
+from distgpt.parallel.tp import apply_tp
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """What the engine needs of the job's [train] section."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    global_batch: int
+    micro_batch: int  # 0: the whole share
+
+
+def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
+    plan = mesh.plan
+    if plan.tp > 1:
+        apply_tp(model, mesh.submesh("tp"))
+    if plan.recompute:
+        apply_recompute(model)
+    return model
+
+
+def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings) -> Engine:
+    """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it. ``model`` must be identical on
+    every rank (same seed): each rank keeps its part of it."""
+    plan = mesh.plan.with_micro_batch(opt.micro_batch)
+    plan.validate(model.cfg, plan.world_size, opt.global_batch)
+    shares = plan.shares(opt.global_batch)
+    share = shares[mesh.coords["dp"]]
+    micro = plan.micro_batch_size or opt.micro_batch or share
+    betas = opt.betas
+    model = model.to(mesh.device)
+    if plan.dp_engine == "deepspeed":
+        cfg = deepspeed_config(plan, micro, share // micro, opt.lr, betas, opt.weight_decay, opt.grad_clip)
+        return DeepSpeedEngine(_prepare_module(model, mesh), param_groups(model, opt.weight_decay), mesh, shares,
+                               micro, cfg)
+    if plan.pp > 1:
+        return _pipeline(model, mesh, opt, shares, micro)
+    module = _prepare_module(model, mesh)
+    module = apply_fsdp(module, mesh, plan.dtype == "bf16") if plan.dp_engine == "fsdp" else apply_ddp(module, mesh)
+    optimizer = make_optimizer(module, opt.lr, opt.weight_decay, betas)
+    return LocalEngine([module], optimizer, mesh, shares, micro)
+
+
+def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[int], micro: int) -> Engine:
+    plan = mesh.plan
+    ranges = plan.layer_ranges(model.cfg.n_layer)
+    n_chunks = len(ranges)
+    chunks = []
+    for idx in stage_chunk_ids(mesh):
+        chunk = carve_stage(model, ranges[idx], first=idx == 0, last=idx == n_chunks - 1)
+        chunks.append(_prepare_module(chunk, mesh))  # dp gradients are averaged by the engine (see pp.py)
+    container = torch.nn.ModuleList(chunks)
+    optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
+    return PipelineEngine(chunks, optimizer, mesh, shares, micro, tied=model.cfg.tie_embeddings)
+
+
+def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
+    """The whole model's parameters as plain CPU tensors on every rank, whatever the sharding.
+
+    DTensor shards (FSDP2, TP) are gathered by ``get_model_state_dict``; pipeline stages exchange their parts. A tied
+    head is dropped (it is the embedding). Meant for export and tests, not for checkpoints of large models.
+    """
+    if isinstance(engine, DeepSpeedEngine):
+        sd = engine.full_state_dict()
+    else:
+        sd = {}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        for m in engine.modules:
+            part = get_model_state_dict(m, options=opts)
+            sd.update({k: v.detach().clone().cpu() for k, v in part.items()})
+        if isinstance(engine, PipelineEngine) and engine.mesh.group("pp") is not None:
+            parts: list[dict] = [None] * engine.mesh.plan.pp  # type: ignore[list-item]
+            dist.all_gather_object(parts, sd, group=engine.mesh.group("pp"))
+            sd = {k: v for part in parts for k, v in part.items()}
+    cfg = _unwrap_cfg(engine)
+    if cfg is not None and cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def _unwrap_cfg(engine: Engine):
+    for m in engine.modules:
+        for sub in m.modules():
+            if isinstance(sub, GPT):
+                return sub.cfg
+    return None
+
+
+__all__ = ["OptimSettings", "parallelize", "full_state_dict", "Engine"]

@@ -1,0 +1,105 @@
+"""Data parallelism: DDP, FSDP2 (``fully_shard``) and DeepSpeed ZeRO 1/2/3.
+
+* DDP: each replica holds everything; gradients are all-reduced (averaged) in buckets overlapping backward.
+* FSDP2: parameters, gradients and optimizer states sharded over the dp mesh (dim 0 of every tensor). Forward
+  all-gathers a block's parameters just in time; backward reduce-scatters (averages) its gradients. Each block is
+  its own unit so that only one block is ever gathered.
+* DeepSpeed ZeRO: stage 1 shards optimizer states, 2 also gradients, 3 also parameters. DeepSpeed owns the optimizer
+  step and gradient accumulation; we set its learning rate each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from distgpt.model.gpt import lm_loss
+from distgpt.parallel.engine import Engine, global_mean
+from distgpt.parallel.mesh import ParallelMesh
+
+
+def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """Wrap in DDP over the data-parallel group (no-op for dp = 1)."""
+    group = mesh.group("dp")
+    if group is None:
+        return model
+    ids = [mesh.device.index] if mesh.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=group)
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, bf16: bool) -> nn.Module:
+    """``fully_shard`` each block, then the root (embedding, norm, head), over the dp mesh."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh.group("dp") is None:
+        return model
+    dp_mesh = mesh.submesh("dp")
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    return model
+
+
+def deepspeed_config(plan, micro: int, n_micro: int, lr: float, betas: tuple[float, float], wd: float,
+                     clip: float) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this plan (torch's AdamW: no compiled optimizer ops needed)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": n_micro,
+        "train_batch_size": micro * n_micro * plan.dp,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": plan.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "weight_decay": wd,
+                                                  "torch_adam": True}},
+        "bf16": {"enabled": plan.dtype == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO via ``deepspeed.initialize``; DeepSpeed scales each micro-batch loss by 1/accumulation steps itself."""
+
+    def __init__(self, model: nn.Module, groups: list[dict], mesh: ParallelMesh, shares: list[int], micro: int,
+                 config: dict[str, Any]):
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=config, dist_init_required=False
+        )
+        super().__init__([engine], optimizer, mesh, shares, micro)
+        self.engine = engine
+
+    def train_step(self, x, y, lr, clip):
+        self.set_lr(lr)
+        total = torch.zeros((), device=self.mesh.device)
+        n = len(x)
+        for s in range(0, n, self.micro):
+            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+            loss = lm_loss(self.engine(xb), yb)
+            self.engine.backward(loss)
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach() * (len(xb) / n)
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(norm if norm is not None else 0.0, dtype=torch.float32)
+        return global_mean(total, self.mesh, self.shares), norm
+
+    @torch.no_grad()
+    def eval_sum(self, x, y):
+        total = torch.zeros((), device=self.mesh.device)
+        for s in range(0, len(x), self.micro):
+            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+            total += lm_loss(self.engine(xb), yb) * len(xb)
+        return total
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter, gathered from its ZeRO-3 partitions where needed, on every rank."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.mesh.plan.zero_stage == 3):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
