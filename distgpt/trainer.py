@@ -91,7 +91,8 @@ class Trainer:
         torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
         model = GPT(self.gpt_cfg)
         self.engine = parallelize(model, self.mesh, OptimSettings(
-            t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, t.micro_batch_size))
+            t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, t.micro_batch_size,
+            self.train_set.seq_len))
         if t.dtype == "bf16":
             self.engine.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
         self.shares = self.plan.shares(t.global_batch_size)

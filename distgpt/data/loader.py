@@ -143,7 +143,7 @@ class DataLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (share, seq_len) int64."""
         s = self.dataset.take(self.next_ids())
-        return s[:, :-1], s[:, 1:]
+        return s[:, :-1].contiguous(), s[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, int]:
         """The two integers that fully determine where the loader is."""

@@ -38,6 +38,7 @@ class OptimSettings:
     grad_clip: float
     global_batch: int
     micro_batch: int  # 0: the whole share
+    seq_len: int = 0  # tokens per sample (0: the model's block size); pipeline stages are built for this shape
 
 
 def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
@@ -81,7 +82,7 @@ def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[i
         chunks.append(_prepare_module(chunk, mesh))  # dp gradients are averaged by the engine (see pp.py)
     container = torch.nn.ModuleList(chunks)
     optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
-    return PipelineEngine(chunks, optimizer, mesh, shares, micro, tied=model.cfg.tie_embeddings)
+    return PipelineEngine(chunks, optimizer, mesh, shares, micro, model.cfg.tie_embeddings, opt.seq_len)
 
 
 def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:

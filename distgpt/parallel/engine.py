@@ -35,6 +35,15 @@ def grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None) ->
     return sq.sqrt()
 
 
+def align_grad_layouts(params: list[nn.Parameter]) -> None:
+    """Give every DTensor gradient its parameter's placement. DTensor's embedding backward, for one, returns a
+    replicated gradient for a vocabulary-sharded weight; collectives on local shards need matching layouts."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 def clip_(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
     """Scale gradients so their global norm is at most ``max_norm`` (same rule as clip_grad_norm_)."""
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from distgpt.model.gpt import GPT, lm_loss
-from distgpt.parallel.engine import Engine, _local, clip_, global_mean, grad_norm, replica_weight
+from distgpt.parallel.engine import Engine, _local, align_grad_layouts, clip_, global_mean, grad_norm, replica_weight
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.tp import loss_context
 
@@ -49,6 +49,18 @@ def carve_stage(model: GPT, layer_range: tuple[int, int], first: bool, last: boo
     return stage
 
 
+def _static_meta(chunk: nn.Module, micro: int, seq_len: int) -> dict:
+    """Example input/output of a non-final stage, so stages need not exchange shape metadata at start-up.
+
+    (The final stage's output — possibly a vocabulary-sharded DTensor — goes only to the loss, never to a peer.)
+    """
+    m: GPT = _unwrap(chunk)  # type: ignore[assignment]
+    t, c = seq_len or m.cfg.block_size, m.cfg.n_embd
+    hidden = torch.empty(micro, t, c, device="meta")
+    inp = torch.empty(micro, t, dtype=torch.long, device="meta") if m.tok_emb is not None else hidden
+    return {"input_args": inp} if m.lm_head is not None else {"input_args": inp, "output_args": hidden}
+
+
 def _schedule(plan, stages: list[PipelineStage], n_micro: int, loss_fn):
     if plan.schedule == "gpipe":
         return ScheduleGPipe(stages[0], n_micro, loss_fn=loss_fn)
@@ -61,7 +73,7 @@ class PipelineEngine(Engine):
     """Runs a pipeline schedule over this rank's chunks; the loss is known on the last stage and shared."""
 
     def __init__(self, chunks: list[nn.Module], optimizer, mesh: ParallelMesh, shares: list[int], micro: int,
-                 tied: bool):
+                 tied: bool, seq_len: int):
         super().__init__(chunks, optimizer, mesh, shares, micro)
         self.tied = tied
         n_local = shares[mesh.coords["dp"]]
@@ -69,7 +81,7 @@ class PipelineEngine(Engine):
         self.weight = replica_weight(mesh, shares)
         n_chunks = mesh.plan.pp * mesh.plan.virtual_stages
         self.stages = [
-            PipelineStage(c, idx, n_chunks, mesh.device, group=mesh.group("pp"))
+            PipelineStage(c, idx, n_chunks, mesh.device, group=mesh.group("pp"), **_static_meta(c, micro, seq_len))
             for c, idx in zip(chunks, stage_chunk_ids(mesh))
         ]
         self.has_first = 0 in stage_chunk_ids(mesh)
@@ -114,6 +126,7 @@ class PipelineEngine(Engine):
         if self.has_last:
             local = torch.stack([_local(t).detach() for t in losses]).mean() / self.weight
         params = self.unique_params()
+        align_grad_layouts(params)
         sync_grads(params, self.mesh.group("dp"))
         tied = self._tied_pair()
         if tied is not None:

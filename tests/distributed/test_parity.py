@@ -34,6 +34,7 @@ CASES = {
     "dp2-zero1": (2, ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=1"]),
     "dp2-zero2": (2, ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=2"]),
     "dp2-zero3": (2, ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=3"]),
+    "dp2-fsdp-recompute": (2, ["--plan.dp=2", "--plan.dp_engine='fsdp'", "--plan.recompute=true"]),
     "tp2": (2, ["--plan.tp=2"]),
     "pp2-gpipe": (2, ["--plan.pp=2", "--plan.schedule='gpipe'"]),
     "pp2-1f1b": (2, ["--plan.pp=2", "--plan.schedule='1f1b'"]),

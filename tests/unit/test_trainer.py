@@ -76,3 +76,8 @@ def test_schedule_and_no_decay_groups():
     assert all(p.dim() == 2 for p in decay["params"])
     assert model.tok_emb.weight in no_decay["params"]  # embeddings (and the tied head) never decay
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_bf16_autocast_trains(tiny_data, tmp_path):
+    res = run(tiny_data, tmp_path, "--train.dtype='bf16'", "--train.max_steps=10")
+    assert res.losses[-1] < res.losses[0] - 0.3
