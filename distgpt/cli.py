@@ -24,12 +24,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Prepare data if needed, train, save the final model, print a sample."""
+    from distgpt.checkpoint.export import load_model_dir
     from distgpt.config import load_job
     from distgpt.model.generate import SamplingConfig, generate_text
-    from distgpt.trainer import Trainer, ensure_prepared
-
-    from distgpt.checkpoint.export import load_model_dir
     from distgpt.planner.plan import Plan
+    from distgpt.trainer import Trainer, ensure_prepared
 
     job = load_job(args.job, overrides)
     plan = Plan.from_json(open(args.plan).read()) if args.plan else None
@@ -99,6 +98,13 @@ def cmd_bench_trainer(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.steps, args.repeats)
 
 
+def cmd_bench_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Every parallel strategy vs a plain torchrun DDP script."""
+    from distgpt.bench.parallel_bench import run
+
+    return run(args.job, overrides, args.steps, args.json, args.only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
     parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
@@ -137,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench_trainer)
+    p = bench.add_parser("parallel", help="tokens/s and memory per rank of each strategy vs plain torchrun DDP")
+    p.add_argument("job", nargs="?", default="jobs/bench-parallel.toml")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--only", action="append", help="run strategies whose name contains this (repeatable)")
+    p.set_defaults(func=cmd_bench_parallel)
     return parser
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -36,7 +37,9 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, bf16: bool) -> nn.Module:
     if mesh.group("dp") is None:
         return model
     dp_mesh = mesh.submesh("dp")
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # bf16: compute in bf16, reduce gradients in fp32 (sharded fp32 master weights stay in the optimizer).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    mp = mp or MixedPrecisionPolicy()
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
@@ -65,6 +68,8 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, groups: list[dict], mesh: ParallelMesh, shares: list[int], micro: int,
                  config: dict[str, Any]):
+        if mesh.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for accelerators it won't find
         import deepspeed
 
         engine, optimizer, _, _ = deepspeed.initialize(

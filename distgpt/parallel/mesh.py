@@ -74,7 +74,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     from datetime import timedelta
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo" and os.environ.get("MASTER_ADDR", "").startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
+    loopback = os.environ.get("MASTER_ADDR", "").startswith("127.")
+    if backend == "gloo" and loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
         # A loopback rendezvous means one machine: keep gloo's own connections on loopback too (by default it uses
         # the address the hostname resolves to, which may be an external interface).
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"

@@ -82,7 +82,7 @@ class PipelineEngine(Engine):
         n_chunks = mesh.plan.pp * mesh.plan.virtual_stages
         self.stages = [
             PipelineStage(c, idx, n_chunks, mesh.device, group=mesh.group("pp"), **_static_meta(c, micro, seq_len))
-            for c, idx in zip(chunks, stage_chunk_ids(mesh))
+            for c, idx in zip(chunks, stage_chunk_ids(mesh), strict=True)
         ]
         self.has_first = 0 in stage_chunk_ids(mesh)
         self.has_last = n_chunks - 1 in stage_chunk_ids(mesh)

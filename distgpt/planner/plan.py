@@ -80,7 +80,7 @@ class Plan:
         n = self.pp * self.virtual_stages
         counts = list(self.stage_layers) or [n_layer // n + (1 if i < n_layer % n else 0) for i in range(n)]
         starts = [sum(counts[:i]) for i in range(len(counts))]
-        return [(s, s + c) for s, c in zip(starts, counts)]
+        return [(s, s + c) for s, c in zip(starts, counts, strict=True)]
 
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's index along each dimension."""

@@ -88,6 +88,7 @@ def test_strategy_matches_single_process(case, reference, tiny_data, tmp_path):
     assert got["val"] == pytest.approx(reference["val"], rel=1e-4)
     assert set(got["params"]) == set(reference["params"])
     for name, ref in reference["params"].items():
-        torch.testing.assert_close(got["params"][name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got["params"][name], ref, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     # The parameters moved: a run that silently skipped the optimizer would fail above, but make it explicit.
     assert reference["losses"][-1] < reference["losses"][0]
