@@ -264,7 +264,8 @@ def validate(job: JobConfig) -> list[str]:
     if d.seq_len > gpt.block_size:
         p.append(f"data.seq_len: {d.seq_len} exceeds model.block_size {gpt.block_size} — lower data.seq_len "
                  f"or raise model.block_size")
-    if t.micro_batch_size < 0 or (t.micro_batch_size and t.global_batch_size % t.micro_batch_size):
+    micro_ok = t.micro_batch_size >= 0 and not (t.micro_batch_size and t.global_batch_size % t.micro_batch_size)
+    if not micro_ok:
         p.append(f"train.micro_batch_size: {t.micro_batch_size} must divide train.global_batch_size "
                  f"{t.global_batch_size} (or be 0 for no accumulation)")
     if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
@@ -282,7 +283,7 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"data.vocab_size: BPE needs at least 258 tokens, got {d.vocab_size}")
     if not d.sources:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
-    plan = job.plan.with_micro_batch(t.micro_batch_size)
+    plan = job.plan.with_micro_batch(t.micro_batch_size if micro_ok else 0)  # a bad one is reported once, above
     p += [f"plan.{msg}" for msg in plan.problems(gpt, None, t.global_batch_size)]
     if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
         p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")

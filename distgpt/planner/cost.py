@@ -1,0 +1,171 @@
+"""Memory and time of one training step, as pure functions whose terms stay visible.
+
+Notation: s sequence length, b micro-batch size, h hidden size, a heads, L layers, V vocabulary, t / p / d the tensor-,
+pipeline- and data-parallel degrees, m micro-batches per step.
+
+Memory (bytes per device)
+  * model states, mixed-precision Adam as this engine runs it: fp32 weights 4, gradients 4, Adam moments 8 bytes per
+    parameter; ZeRO-1 divides the 8 by d, ZeRO-2 also the 4 of gradients, ZeRO-3 / FSDP2 all 16 (Rajbhandari 2020).
+  * activations per layer per micro-batch (Korthikanti et al. 2022, eq. 2 and table 2, for 16-bit activations):
+        no TP:  s·b·h·(34 + 5·a·s/h)      TP without SP:  s·b·h·(10 + 24/t + 5·a·s/(h·t))
+    The 5·a·s/h term (stored attention scores) vanishes with flash-attention kernels; fp32 activations double it;
+    full recomputation keeps only each layer's input, 2·s·b·h. A 1F1B stage i holds min(p − i, m) micro-batches in
+    flight, GPipe all m (Narayanan et al. 2021).
+  * the last stage's logits and their gradient: 2 · s·b·V/t · 4 bytes; plus the device's runtime overhead.
+Time (seconds per step)
+  * compute: 6·N_layer + 12·s·h FLOPs per token per layer (×4/3 with recomputation), at peak × efficiency.
+  * tensor parallel: 4 all-reduces of s·b·h per layer per micro-batch (2 forward, 2 backward), ring cost
+    2(t−1)/t · bytes / bw + latency; not overlapped.
+  * pipeline: (m + p − 1) · slowest stage time (the bubble is the p − 1 term) plus stage-to-stage sends.
+  * data parallel: ring all-reduce of the gradients, 2(d−1)/d · bytes / slowest link, overlapped with the last
+    micro-batch's backward where the device allows; FSDP2 / ZeRO-3 also all-gather parameters every micro-batch.
+  * optimizer: Adam streams ~28 bytes per local parameter through device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distgpt.model.config import GPTConfig
+from distgpt.model.presets import layer_params
+from distgpt.planner.hardware import DeviceType
+
+WEIGHT_B, GRAD_B, ADAM_B = 4, 4, 8
+LATENCY_S = 20e-6  # per collective hop on GPUs; profiles replace it
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is trained: the model, tokens per step, precision."""
+
+    model: GPTConfig
+    global_batch: int
+    seq_len: int
+    dtype: str = "bf16"
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.dtype == "bf16" else 4
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """A device as the cost model sees it: catalog figures, or a calibrated profile's measurements."""
+
+    device: DeviceType
+    achieved_flops: float = 0.0
+    """Measured FLOP/s of transformer layers (0: peak × efficiency)."""
+    intra_bw: float = 0.0
+    latency: float = LATENCY_S
+    comm_overlap: float = 0.8
+    """Share of a gradient reduction hidden behind backward compute (0 where compute and comm share cores)."""
+    act_scale: float = 1.0
+    """Measured / modelled activation memory (calibration); 1.0 uncalibrated."""
+    overhead_bytes: float = -1.0
+
+    def flops(self, dtype: str) -> float:
+        return self.achieved_flops or self.device.peak(dtype) * self.device.efficiency
+
+    @property
+    def link_bw(self) -> float:
+        return self.intra_bw or self.device.intra_node_bw
+
+    @property
+    def overhead(self) -> float:
+        return self.overhead_bytes if self.overhead_bytes >= 0 else self.device.runtime_overhead_bytes
+
+
+def stage_params(m: GPTConfig, n_layers: int, first: bool, last: bool, tp: int, pp: int) -> float:
+    """Parameters one device of a stage holds (matrices split t ways; a tied head is a second copy when p > 1)."""
+    n = n_layers * layer_params(m) / tp
+    if first:
+        n += m.vocab_size * m.n_embd / tp + (m.block_size * m.n_embd if m.pos_encoding == "learned" else 0)
+    if last:
+        n += 2 * m.n_embd
+        if not m.tie_embeddings or (pp > 1 and not first):
+            n += m.vocab_size * m.n_embd / tp
+    return n
+
+
+def state_bytes(params: float, engine: str, zero: int, dp: int) -> float:
+    """Weights + gradients + Adam moments per device under the data-parallel engine."""
+    if engine == "fsdp" or zero == 3:
+        return params * (WEIGHT_B + GRAD_B + ADAM_B) / dp
+    if zero == 2:
+        return params * (WEIGHT_B + (GRAD_B + ADAM_B) / dp)
+    if zero == 1:
+        return params * (WEIGHT_B + GRAD_B + ADAM_B / dp)
+    return params * (WEIGHT_B + GRAD_B + ADAM_B)
+
+
+def layer_activation_bytes(w: Workload, b: int, tp: int, recompute: bool, flash: bool) -> float:
+    """Activation memory of one layer for one micro-batch of b samples (Korthikanti et al. 2022)."""
+    s, h, a = w.seq_len, w.model.n_embd, w.model.n_head
+    scale = w.act_bytes / 2  # the formulas count 16-bit activations
+    if recompute:
+        return 2 * s * b * h * scale
+    scores = 0.0 if flash else 5 * a * s / (h * tp)
+    per = (34 + 5 * a * s / h if not flash else 34) if tp == 1 else 10 + 24 / tp + scores
+    if tp == 1 and not flash:
+        per = 34 + 5 * a * s / h
+    return s * b * h * per * scale
+
+
+def logits_bytes(w: Workload, b: int, tp: int) -> float:
+    """The last stage's fp32 logits and their gradient."""
+    return 2 * w.seq_len * b * w.model.vocab_size / tp * 4
+
+
+def in_flight(schedule: str, stage: int, pp: int, n_micro: int) -> int:
+    """Micro-batches whose activations a stage holds at peak."""
+    return n_micro if schedule == "gpipe" else min(pp - stage, n_micro)
+
+
+def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) -> float:
+    """Forward + backward time of one layer for one micro-batch, compute and TP communication."""
+    tokens = b * w.seq_len
+    flops = tokens * (6 * layer_params(w.model) + 12 * w.model.n_embd * w.seq_len) / tp
+    if recompute:
+        flops *= 4 / 3
+    t = flops / dev.flops(w.dtype)
+    if tp > 1:
+        n_ar = 6 if recompute else 4
+        t += n_ar * ring_allreduce(tokens * w.model.n_embd * w.act_bytes, tp, dev.link_bw, dev.latency)
+    return t
+
+
+def head_time(w: Workload, dev: DeviceModel, b: int, tp: int) -> float:
+    """LM head forward + backward for one micro-batch."""
+    return b * w.seq_len * 6 * w.model.vocab_size * w.model.n_embd / tp / dev.flops(w.dtype)
+
+
+def ring_allreduce(nbytes: float, n: int, bw: float, latency: float) -> float:
+    """Ring all-reduce: 2(n−1)/n of the data crosses the slowest link, in 2(n−1) latency-bound hops."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * latency
+
+
+def p2p_time(w: Workload, b: int, bw: float, latency: float) -> float:
+    """One stage boundary, one micro-batch: activations forward and their gradients backward."""
+    return 2 * (b * w.seq_len * w.model.n_embd * w.act_bytes / bw + latency)
+
+
+def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, latency: float, n_micro: int,
+            backward_last: float, compute_micro: float, overlap: float) -> float:
+    """Exposed data-parallel communication per step."""
+    if dp <= 1:
+        return 0.0
+    grads = params * GRAD_B
+    if engine == "fsdp" or zero == 3:
+        gather = 2 * (dp - 1) / dp * params * WEIGHT_B / bw + 2 * (dp - 1) * latency  # forward + backward
+        per_micro = max((1 - overlap) * gather, gather - overlap * compute_micro)
+        reduce = (dp - 1) / dp * grads / bw
+        return n_micro * per_micro + max((1 - overlap) * reduce, reduce - overlap * backward_last)
+    comm = ring_allreduce(grads, dp, bw, latency)
+    return max((1 - overlap) * comm, comm - overlap * backward_last)
+
+
+def optimizer_time(params: float, dev: DeviceModel) -> float:
+    """Adam reads weights, gradients and two moments and writes three of them: ~28 bytes per parameter."""
+    return params * 28 / dev.device.mem_bw
