@@ -105,6 +105,20 @@ def cmd_bench_parallel(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.steps, args.json, args.only)
 
 
+def cmd_bench_hardware(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Measure this machine's workers and write a planner profile."""
+    from distgpt.bench.hardware import run
+
+    return run(args.job, overrides, args.out, args.nproc)
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Rank plans for the job on an inventory; explain the best; exit 3 when nothing fits."""
+    from distgpt.planner.cli import plan_command
+
+    return plan_command(args, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
     parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
@@ -137,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("plan", help="choose a parallel plan for a job on a (heterogeneous) cluster")
+    _job_args(p)
+    p.add_argument("--inventory", required=True, help="inventory file (TOML/YAML) or a Ray cluster-launcher YAML")
+    p.add_argument("--objective", choices=["throughput", "cost"], default="throughput")
+    p.add_argument("--max-price-per-hour", type=float, help="budget: plans above it are dropped")
+    p.add_argument("--min-tokens-per-s", type=float, help="plans below it are dropped")
+    p.add_argument("--profile", help="hardware profile from `distgpt bench hardware` (measured figures)")
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--save", help="write the best Plan as JSON (for `distgpt train --plan`)")
+    p.set_defaults(func=cmd_plan)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("trainer", help="trainer overhead vs a hand-written PyTorch loop")
     p.add_argument("job", nargs="?", default="jobs/demo.toml")
@@ -149,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--only", action="append", help="run strategies whose name contains this (repeatable)")
     p.set_defaults(func=cmd_bench_parallel)
+    p = bench.add_parser("hardware", help="measure this machine's workers into a planner profile")
+    p.add_argument("job", nargs="?", default="jobs/bench-parallel.toml")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="worker ranks (default: CPU cores)")
+    p.set_defaults(func=cmd_bench_hardware)
     return parser
 
 

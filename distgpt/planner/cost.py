@@ -32,6 +32,7 @@ from distgpt.planner.hardware import DeviceType
 
 WEIGHT_B, GRAD_B, ADAM_B = 4, 4, 8
 LATENCY_S = 20e-6  # per collective hop on GPUs; profiles replace it
+SATURATION_TOKENS = 256  # tokens per micro-batch at which an uncalibrated device reaches half its efficiency
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,19 @@ class DeviceModel:
     act_scale: float = 1.0
     """Measured / modelled activation memory (calibration); 1.0 uncalibrated."""
     overhead_bytes: float = -1.0
+    flops_curve: tuple[tuple[float, float], ...] = ()
+    """Measured (tokens per micro-batch, FLOP/s) points; interpolated, flat beyond the measured range."""
 
-    def flops(self, dtype: str) -> float:
-        return self.achieved_flops or self.device.peak(dtype) * self.device.efficiency
+    def flops(self, dtype: str, tokens: float = 0.0) -> float:
+        """FLOP/s of transformer layers at ``tokens`` per micro-batch."""
+        if self.flops_curve:
+            return interpolate(self.flops_curve, tokens)
+        if self.achieved_flops:
+            return self.achieved_flops
+        # Uncalibrated: GEMMs need enough rows to fill the device; efficiency saturates as tokens grow
+        # (half of its ceiling at SATURATION_TOKENS tokens per micro-batch).
+        ramp = tokens / (tokens + SATURATION_TOKENS) if tokens else 1.0
+        return self.device.peak(dtype) * self.device.efficiency * ramp
 
     @property
     def link_bw(self) -> float:
@@ -73,6 +84,17 @@ class DeviceModel:
     @property
     def overhead(self) -> float:
         return self.overhead_bytes if self.overhead_bytes >= 0 else self.device.runtime_overhead_bytes
+
+
+def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear y(x) through ``points``, constant outside them."""
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
 
 
 def stage_params(m: GPTConfig, n_layers: int, first: bool, last: bool, tp: int, pp: int) -> float:
@@ -104,10 +126,10 @@ def layer_activation_bytes(w: Workload, b: int, tp: int, recompute: bool, flash:
     scale = w.act_bytes / 2  # the formulas count 16-bit activations
     if recompute:
         return 2 * s * b * h * scale
-    scores = 0.0 if flash else 5 * a * s / (h * tp)
-    per = (34 + 5 * a * s / h if not flash else 34) if tp == 1 else 10 + 24 / tp + scores
-    if tp == 1 and not flash:
-        per = 34 + 5 * a * s / h
+    if tp == 1:
+        per = 34 + (0 if flash else 5 * a * s / h)
+    else:
+        per = 10 + 24 / tp + (0 if flash else 5 * a * s / (h * tp))
     return s * b * h * per * scale
 
 
@@ -127,7 +149,7 @@ def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) 
     flops = tokens * (6 * layer_params(w.model) + 12 * w.model.n_embd * w.seq_len) / tp
     if recompute:
         flops *= 4 / 3
-    t = flops / dev.flops(w.dtype)
+    t = flops / dev.flops(w.dtype, tokens)
     if tp > 1:
         n_ar = 6 if recompute else 4
         t += n_ar * ring_allreduce(tokens * w.model.n_embd * w.act_bytes, tp, dev.link_bw, dev.latency)
@@ -136,7 +158,8 @@ def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) 
 
 def head_time(w: Workload, dev: DeviceModel, b: int, tp: int) -> float:
     """LM head forward + backward for one micro-batch."""
-    return b * w.seq_len * 6 * w.model.vocab_size * w.model.n_embd / tp / dev.flops(w.dtype)
+    tokens = b * w.seq_len
+    return tokens * 6 * w.model.vocab_size * w.model.n_embd / tp / dev.flops(w.dtype, tokens)
 
 
 def ring_allreduce(nbytes: float, n: int, bw: float, latency: float) -> float:

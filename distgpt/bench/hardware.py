@@ -1,0 +1,134 @@
+"""``distgpt bench hardware``: measure this machine's workers and write a planner profile.
+
+All ranks measure at once (as they train at once, sharing cores, memory bandwidth and links):
+  * per-layer forward+backward time of the job's transformer block at micro-batches 1, 2, 4, 8 → achieved FLOP/s;
+  * activation bytes autograd saves for one layer (``saved_tensors_hooks``) vs the Korthikanti formula → act_scale;
+  * all-reduce time at a few sizes → bandwidth and per-hop latency (least squares on the ring-cost model);
+  * resident memory of an initialised worker before any model exists → runtime overhead.
+Run: ``distgpt bench hardware JOB --out profile.json`` (launches itself under torchrun with --nproc ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+MICRO = (1, 2, 4, 8)
+
+
+def _rss() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_curve(cfg, seq: int) -> tuple[list[list[float]], float]:
+    """[(tokens, FLOP/s)] for one block, and measured/modelled activation bytes at micro-batch 1."""
+    from distgpt.model.gpt import Block
+    from distgpt.model.presets import layer_params
+    from distgpt.planner.cost import Workload, layer_activation_bytes
+
+    block = Block(cfg)
+    curve = []
+    for b in MICRO:
+        x = torch.randn(b, seq, cfg.n_embd, requires_grad=True)
+
+        def step():
+            block(x).sum().backward()
+
+        t = _time(step)
+        curve.append([b * seq, b * seq * (6 * layer_params(cfg) + 12 * cfg.n_embd * seq) / t])
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = torch.randn(1, seq, cfg.n_embd, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x)
+    del y
+    model = layer_activation_bytes(Workload(cfg, 1, seq, "fp32"), 1, 1, False, flash=False)
+    return curve, sum(saved.values()) / model
+
+
+def allreduce_fit() -> tuple[float, float]:
+    """(bandwidth bytes/s, per-hop latency s) from all-reduce timings at several sizes."""
+    n = dist.get_world_size()
+    xs, ys = [], []
+    for numel in (2**14, 2**18, 2**20, 2**22):
+        buf = torch.ones(numel)
+        t = _time(lambda buf=buf: dist.all_reduce(buf))
+        xs.append(2 * (n - 1) / n * numel * 4)
+        ys.append(t)
+    # t = hops·latency + bytes/bw: least squares on (bytes, t).
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    intercept = max(my - slope * mx, 0.0)
+    return 1 / slope, intercept / max(1, 2 * (n - 1))
+
+
+def worker(out: str, job_path: str, overrides: list[str]) -> None:
+    """One rank: measure, and on rank 0 write the profile."""
+    from distgpt.config import load_job
+    from distgpt.parallel.mesh import init_distributed
+    from distgpt.planner.calibrate import DeviceProfile, save_profile
+
+    init_distributed()
+    overhead = _rss()
+    job = load_job(job_path, overrides)
+    cfg = job.gpt_config(job.model.vocab_size or 257)
+    torch.manual_seed(0)
+    curve, act_scale = layer_curve(cfg, job.seq_len)
+    bw, latency = allreduce_fit()
+    curves = [None] * dist.get_world_size()
+    dist.all_gather_object(curves, curve)
+    if dist.get_rank() == 0:
+        # Ranks measured side by side; the planner must expect the slowest of them.
+        merged = [[curve[i][0], min(r[i][1] for r in curves)] for i in range(len(curve))]
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / dist.get_world_size()
+        prof = DeviceProfile(tuple(map(tuple, merged)), bw, latency, 0.0, act_scale, overhead, mem)
+        save_profile(out, {"cpu": prof}, {"ranks": dist.get_world_size(), "seq_len": job.seq_len,
+                                          "n_embd": cfg.n_embd, "peak_rss": resource.getrusage(
+                                              resource.RUSAGE_SELF).ru_maxrss * 1024})
+        print(f"wrote {out}: layer FLOP/s {[f'{f / 1e9:.1f}G@{int(t)}tok' for t, f in merged]}, all-reduce "
+              f"{bw / 1e9:.2f} GB/s + {latency * 1e6:.0f} µs/hop, act_scale {act_scale:.2f}, "
+              f"overhead {overhead / 2**20:.0f} MiB/rank")
+    dist.barrier()
+
+
+def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
+    """Launch the measurement under torchrun on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={port}", "-m", "distgpt.bench.hardware", out, job, *overrides]
+    return subprocess.run(cmd, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"}).returncode
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("job")
+    a, rest = ap.parse_known_args()
+    worker(a.out, a.job, rest)

@@ -1,0 +1,185 @@
+"""Score one candidate layout with the cost model: step time, tokens/s, memory per device type, cost.
+
+A layout is a set of replica kinds; each kind is a tuple of node groups (one per pipeline stage) and a replica count.
+Same-type replicas ("replicas" family) or mixed-type pipelines ("hetero-pipeline" family) both fit this shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from distgpt.model.presets import flops_per_token
+from distgpt.planner import cost
+from distgpt.planner.cost import DeviceModel, Workload
+from distgpt.planner.inventory import Inventory, NodeGroup
+from distgpt.planner.plan import Plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees and which devices serve which stage; ``kinds``: ((stage groups...), replica count)."""
+
+    tp: int
+    pp: int
+    stage_layers: tuple[int, ...]
+    kinds: tuple[tuple[tuple[NodeGroup, ...], int], ...]
+    family: str
+
+
+@dataclass
+class Candidate:
+    """A scored Plan."""
+
+    plan: Plan
+    step_time: float
+    tokens_per_s: float
+    mfu: float
+    memory: dict[str, float]
+    """Peak bytes per device, by device type."""
+    capacity: dict[str, float]
+    price_per_hour: float
+    cost_per_mtok: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+    devices_used: dict[str, int] = field(default_factory=dict)
+    layout: Layout | None = None
+
+    @property
+    def bottleneck(self) -> str:
+        """The largest time term."""
+        return max(self.breakdown, key=self.breakdown.get) if self.breakdown else "compute"
+
+
+class Evaluator:
+    """Evaluates layouts × options for one workload, inventory and (optional) device profiles."""
+
+    def __init__(self, w: Workload, inv: Inventory, devices: dict[str, DeviceModel]):
+        self.w, self.inv, self.devices = w, inv, devices
+
+    def dev(self, g: NodeGroup) -> DeviceModel:
+        return self.devices.get(g.device.name) or DeviceModel(g.device)
+
+    def stage_time(self, lay: Layout, stages: tuple[NodeGroup, ...], j: int, m: int, rc: bool) -> float:
+        """One micro-batch through stage j: its layers, the head on the last stage, sends to the next stage."""
+        d = self.dev(stages[j])
+        t = lay.stage_layers[j] * cost.layer_time(self.w, d, m, lay.tp, rc)
+        if j == lay.pp - 1:
+            t += cost.head_time(self.w, d, m, lay.tp)
+        if lay.pp > 1:
+            t += cost.p2p_time(self.w, m, self.link(stages, lay.tp * lay.pp), d.latency)
+        return t
+
+    def link(self, groups: tuple[NodeGroup, ...], span: int) -> float:
+        """Slowest link among ranks spread over ``groups`` needing ``span`` devices of each."""
+        if len({g.name for g in groups}) == 1 and span <= groups[0].count:
+            return self.dev(groups[0]).link_bw
+        if len({g.site for g in groups}) > 1:
+            return self.inv.inter_site_bw
+        return min(g.network_bw for g in groups)
+
+    def shares(self, times: list[float], counts: list[int], units: int, min_units: int) -> list[list[int]] | None:
+        """Micro-batch units per replica, proportional to speed (each ≥ min_units); None if they cannot fit."""
+        total = sum(counts)
+        if units < total * min_units:
+            return None
+        speed = [1 / t for t in times]
+        norm = sum(s * c for s, c in zip(speed, counts, strict=True))
+        per = [[max(min_units, int(units * s / norm))] * c for s, c in zip(speed, counts, strict=True)]
+        left = units - sum(map(sum, per))
+        order = sorted(range(len(per)), key=lambda k: -speed[k])
+        while left != 0:  # hand out (or take back) leftovers, fastest kinds first
+            moved = False
+            for k in order:
+                for r in range(len(per[k])):
+                    if left > 0:
+                        per[k][r] += 1
+                        left -= 1
+                        moved = True
+                    elif left < 0 and per[k][r] > min_units:
+                        per[k][r] -= 1
+                        left += 1
+                        moved = True
+                    if left == 0:
+                        return per
+            if not moved:
+                return None
+        return per
+
+    def evaluate(self, lay: Layout, m: int, engine: str, zero: int, rc: bool) -> Candidate | str:
+        """Score one option; a string says why it is impossible."""
+        w = self.w
+        if w.global_batch % m:
+            return "micro-batch does not divide the global batch"
+        times = [max(self.stage_time(lay, st, j, m, rc) for j in range(lay.pp)) for st, _ in lay.kinds]
+        counts = [n for _, n in lay.kinds]
+        min_units = lay.pp if lay.pp > 1 else 1
+        per = self.shares(times, counts, w.global_batch // m, min_units)
+        if per is None:
+            return "global batch too small for this many replicas at this micro-batch size"
+        dp = sum(counts)
+        compute = max((max(u) + lay.pp - 1) * t for u, t in zip(per, times, strict=True))
+        bubble = max((lay.pp - 1) * t for t in times)
+        mem, cap, params = self.memory(lay, m, engine, zero, rc, dp, min(min(u) for u in per))
+        over = [k for k in mem if mem[k] > cap[k]]
+        if over:
+            return f"out of memory on {over[0]}: {mem[over[0]] / 1e9:.1f} GB > {cap[over[0]] / 1e9:.1f} GB"
+        groups = tuple({g for st, _ in lay.kinds for g in st})
+        devs = [self.dev(g) for g in groups]
+        bw = self.link(groups, 10**9) if dp > 1 else 1.0
+        n_micro = max(max(u) for u in per)
+        dpt = cost.dp_time(params, engine, zero, dp, bw, max(d.latency for d in devs), n_micro, 2 / 3 * min(times),
+                           min(times), min(d.comm_overlap for d in devs))
+        local = params / dp if (engine == "fsdp" or zero >= 1) else params
+        opt = max(cost.optimizer_time(local, d) for d in devs)
+        step = compute + dpt + opt
+        return self._candidate(lay, m, engine, zero, rc, per, step, mem, cap,
+                               {"compute": compute - bubble, "pipeline_bubble": bubble, "data_parallel": dpt,
+                                "optimizer": opt})
+
+    def memory(self, lay: Layout, m: int, engine: str, zero: int, rc: bool, dp: int, min_micro: int):
+        """Peak bytes per device type, capacities, and the largest per-device parameter count."""
+        mem: dict[str, float] = {}
+        cap: dict[str, float] = {}
+        worst_params = 0.0
+        for stages, _ in lay.kinds:
+            for j, g in enumerate(stages):
+                d = self.dev(g)
+                p = cost.stage_params(self.w.model, lay.stage_layers[j], j == 0, j == lay.pp - 1, lay.tp, lay.pp)
+                worst_params = max(worst_params, p)
+                act = cost.layer_activation_bytes(self.w, m, lay.tp, rc, g.device.flash_attention) * d.act_scale
+                total = (cost.state_bytes(p, engine, zero, dp)
+                         + lay.stage_layers[j] * act * cost.in_flight("1f1b", j, lay.pp, min_micro)
+                         + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead)
+                mem[g.device.name] = max(mem.get(g.device.name, 0.0), total)
+                cap[g.device.name] = g.device.memory_bytes
+        return mem, cap, worst_params
+
+    def _candidate(self, lay, m, engine, zero, rc, per, step, mem, cap, breakdown) -> Candidate:
+        w = self.w
+        shares = [u * m for units in per for u in units]
+        replica_devices = tuple(st[0].device.name for st, n in lay.kinds for _ in range(n))
+        plan = Plan(
+            dp=len(shares), tp=lay.tp, pp=lay.pp, stage_layers=lay.stage_layers if lay.pp > 1 else (),
+            stage_devices=tuple(g.device.name for g in lay.kinds[0][0]) if lay.family == "hetero-pipeline" else (),
+            replica_devices=replica_devices if lay.family == "replicas" and len(set(replica_devices)) > 1 else (),
+            micro_batch_size=m, batch_shares=tuple(shares) if len(set(shares)) > 1 else (),
+            dp_engine=engine, zero_stage=zero, recompute=rc, dtype=w.dtype, schedule="1f1b",
+        )
+        used: dict[str, int] = {}
+        price = 0.0
+        for stages, n in lay.kinds:
+            for g in stages:
+                used[g.device.name] = used.get(g.device.name, 0) + n * lay.tp
+        for g in {g for st, _ in lay.kinds for g in st}:
+            n_dev = sum(n * lay.tp * st.count(g) for st, n in lay.kinds)
+            price += math.ceil(n_dev / g.count) * g.price_per_hour
+        tps = w.global_batch * w.seq_len / step
+        peak = sum(self.dev(g).device.peak(w.dtype) * n_dev for g, n_dev in self._devices(lay))
+        cpm = price / 3600 / tps * 1e6 if price else 0.0
+        return Candidate(plan, step, tps, flops_per_token(w.model, w.seq_len) * tps / peak, mem, cap, price, cpm,
+                         breakdown, used, lay)
+
+    def _devices(self, lay: Layout):
+        for stages, n in lay.kinds:
+            for g in stages:
+                yield g, n * lay.tp
