@@ -119,6 +119,20 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return plan_command(args, overrides)
 
 
+def cmd_bench_planner(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Planning time at 64 / 1,024 / 16,384 devices."""
+    from distgpt.bench.planner_bench import run_planning_time
+
+    return run_planning_time()
+
+
+def cmd_bench_accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Predicted vs measured step time and memory of the planner's plans on this machine."""
+    from distgpt.bench.planner_bench import run_accuracy
+
+    return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
     parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
@@ -180,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="worker ranks (default: CPU cores)")
     p.set_defaults(func=cmd_bench_hardware)
+    p = bench.add_parser("planner", help="planning time for 1,024 and 16,384 devices of 4 types")
+    p.set_defaults(func=cmd_bench_planner)
+    p = bench.add_parser("plan-accuracy", help="run the planner's plans here; predicted vs measured")
+    p.add_argument("job", nargs="?", default="jobs/bench-parallel.toml")
+    p.add_argument("--profile", required=True, help="profile from `distgpt bench hardware`")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--plans", type=int, default=6)
+    p.set_defaults(func=cmd_bench_accuracy)
     return parser
 
 

@@ -7,7 +7,7 @@ Same-type replicas ("replicas" family) or mixed-type pipelines ("hetero-pipeline
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distgpt.model.presets import flops_per_token
 from distgpt.planner import cost
@@ -110,9 +110,12 @@ class Evaluator:
         w = self.w
         if w.global_batch % m:
             return "micro-batch does not divide the global batch"
+        min_units = lay.pp if lay.pp > 1 else 1
+        lay = self.cap_replicas(lay, w.global_batch // m // min_units, m, rc)
+        if lay is None:
+            return "global batch too small for this many replicas at this micro-batch size"
         times = [max(self.stage_time(lay, st, j, m, rc) for j in range(lay.pp)) for st, _ in lay.kinds]
         counts = [n for _, n in lay.kinds]
-        min_units = lay.pp if lay.pp > 1 else 1
         per = self.shares(times, counts, w.global_batch // m, min_units)
         if per is None:
             return "global batch too small for this many replicas at this micro-batch size"
@@ -135,6 +138,22 @@ class Evaluator:
         return self._candidate(lay, m, engine, zero, rc, per, step, mem, cap,
                                {"compute": compute - bubble, "pipeline_bubble": bubble, "data_parallel": dpt,
                                 "optimizer": opt})
+
+    def cap_replicas(self, lay: Layout, most: int, m: int, rc: bool) -> Layout | None:
+        """Drop replicas, slowest kind first, until each can get work (more devices than batch leaves some idle)."""
+        total = sum(n for _, n in lay.kinds)
+        if total <= most:
+            return lay
+        if most < 1:
+            return None
+        speed = {st: 1 / max(self.stage_time(lay, st, j, m, rc) for j in range(lay.pp)) for st, _ in lay.kinds}
+        kinds, left = [], most
+        for st, n in sorted(lay.kinds, key=lambda k: -speed[k[0]]):
+            take = min(n, left)
+            if take:
+                kinds.append((st, take))
+            left -= take
+        return replace(lay, kinds=tuple(kinds))
 
     def memory(self, lay: Layout, m: int, engine: str, zero: int, rc: bool, dp: int, min_micro: int):
         """Peak bytes per device type, capacities, and the largest per-device parameter count."""

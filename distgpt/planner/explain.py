@@ -18,8 +18,8 @@ def table(res: SearchResult) -> str:
     lines = [head, "-" * len(head)]
     for i, c in enumerate(res.ranked, 1):
         mem = ", ".join(f"{k} {c.memory[k] / GB:.0f}/{c.capacity[k] / GB:.0f}G" for k in sorted(c.memory))
-        cost = f"{c.cost_per_mtok:8.3f}" if c.cost_per_mtok else f"{'-':>8}"
-        lines.append(f"{i:>2}  {c.step_time:8.3f} {c.tokens_per_s:11,.0f} {c.mfu:5.2f} {cost}  {mem:28} "
+        cost = f"{c.cost_per_mtok:8.3g}" if c.cost_per_mtok else f"{'-':>8}"
+        lines.append(f"{i:>2}  {c.step_time:8.3g} {c.tokens_per_s:11,.0f} {c.mfu:5.2f} {cost}  {mem:28} "
                      f"{c.plan.describe()}")
     return "\n".join(lines)
 

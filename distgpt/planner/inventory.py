@@ -12,11 +12,12 @@ mapped to GPUs), or — in the orchestrator — a live Ray cluster. Example inve
 from __future__ import annotations
 
 import re
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from distgpt.planner.hardware import DeviceType, device_type
 

@@ -1,0 +1,166 @@
+"""The planner: formulas by hand, search constraints, heterogeneity, infeasibility, profiles, inventories, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distgpt.cli import main
+from distgpt.model.presets import layer_params, param_count, preset
+from distgpt.planner import cost
+from distgpt.planner.calibrate import DeviceProfile, device_models, load_profile, save_profile
+from distgpt.planner.cost import DeviceModel, Workload
+from distgpt.planner.evaluate import Evaluator
+from distgpt.planner.explain import nothing_fits
+from distgpt.planner.hardware import CATALOG, device_type
+from distgpt.planner.inventory import InventoryError, inventory_from_dict, load_inventory
+from distgpt.planner.plan import Plan
+from distgpt.planner.search import layouts, search, speed_layers
+
+from ..conftest import REPO
+
+GPT2 = preset("gpt2-124m")
+B13 = preset("gpt2-1.3b")
+
+
+def inv(*groups, inter_site=1.25):
+    return inventory_from_dict({"inter_site_gbps": inter_site, "nodes": [dict(g) for g in groups]})
+
+
+def test_catalog_has_the_required_devices_and_aliases():
+    for name in ("H200", "H100-SXM", "H100-PCIe", "A100-80GB", "A100-40GB", "L40S", "L4", "A10G", "V100", "T4",
+                 "RTX4090", "RTX3090", "cpu"):
+        assert name in CATALOG
+    assert device_type("h100").name == "H100-SXM" and device_type("A100-SXM4-40GB").name == "A100-40GB"
+    assert CATALOG["H100-SXM"].bf16_flops == 989e12 and CATALOG["A100-40GB"].memory_bytes == 40e9
+    with pytest.raises(KeyError, match="unknown device type 'B300'"):
+        device_type("B300")
+
+
+def test_state_memory_by_zero_stage_by_hand():
+    n = 1e9
+    assert cost.state_bytes(n, "ddp", 0, 8) == 16e9
+    assert cost.state_bytes(n, "deepspeed", 1, 8) == 4e9 + 4e9 + 8e9 / 8
+    assert cost.state_bytes(n, "deepspeed", 2, 8) == 4e9 + 12e9 / 8
+    assert cost.state_bytes(n, "deepspeed", 3, 8) == cost.state_bytes(n, "fsdp", 0, 8) == 2e9
+
+
+def test_activation_memory_matches_korthikanti_by_hand():
+    w = Workload(B13, 8, 2048, "bf16")
+    s, b, h, a = 2048, 1, 2048, 16
+    assert cost.layer_activation_bytes(w, 1, 1, False, flash=False) == s * b * h * (34 + 5 * a * s / h)
+    assert cost.layer_activation_bytes(w, 1, 4, False, flash=False) == s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4))
+    assert cost.layer_activation_bytes(w, 1, 1, False, flash=True) == s * b * h * 34
+    assert cost.layer_activation_bytes(w, 1, 1, True, flash=True) == 2 * s * b * h
+    assert cost.in_flight("1f1b", 0, 4, 8) == 4 and cost.in_flight("1f1b", 3, 4, 8) == 1
+    assert cost.in_flight("gpipe", 3, 4, 8) == 8
+
+
+def test_stage_params_sum_to_the_model():
+    assert cost.stage_params(GPT2, 12, True, True, 1, 1) == param_count(GPT2)
+    first = cost.stage_params(GPT2, 6, True, False, 1, 2)
+    last = cost.stage_params(GPT2, 6, False, True, 1, 2)
+    assert first + last == param_count(GPT2) + GPT2.vocab_size * GPT2.n_embd  # the tied head is a second copy
+
+
+def test_layer_time_uses_flops_and_tp_communication():
+    w = Workload(GPT2, 8, 1024, "bf16")
+    dev = DeviceModel(CATALOG["H100-SXM"], achieved_flops=400e12)
+    flops = 1024 * (6 * layer_params(GPT2) + 12 * 768 * 1024)
+    assert cost.layer_time(w, dev, 1, 1, False) == pytest.approx(flops / 400e12)
+    assert cost.layer_time(w, dev, 1, 1, True) == pytest.approx(flops * 4 / 3 / 400e12)
+    ar = cost.ring_allreduce(1024 * 768 * 2, 2, dev.link_bw, dev.latency)
+    assert cost.layer_time(w, dev, 1, 2, False) == pytest.approx(flops / 2 / 400e12 + 4 * ar)
+
+
+def test_every_ranked_plan_fits_memory_and_is_runnable():
+    w = Workload(B13, 64, 2048, "bf16")
+    res = search(w, inv({"device": "A100-40GB", "count": 8, "replicas": 2}, {"device": "T4", "count": 4}), top=50)
+    assert res.ranked
+    for c in res.ranked:
+        assert all(c.memory[k] <= c.capacity[k] for k in c.memory)
+        assert c.plan.problems(B13, None, 64) == []
+        assert B13.n_head % c.plan.tp == 0 and sum(c.plan.shares(64)) == 64
+
+
+def test_mixed_replicas_take_batch_in_proportion_to_speed():
+    cluster = inv({"device": "H100-SXM", "count": 8, "site": "aws", "network_gbps": 400},
+                  {"device": "A100-40GB", "count": 8, "replicas": 2, "site": "aws", "network_gbps": 400})
+    top = search(Workload(B13, 512, 2048, "bf16"), cluster).ranked[0]
+    assert set(top.devices_used) == {"H100-SXM", "A100-40GB"}
+    shares = dict(zip(top.plan.replica_devices, top.plan.batch_shares, strict=True))
+    assert shares["H100-SXM"] > 2 * shares["A100-40GB"]  # 989 vs 312 TFLOP/s
+
+
+def test_heterogeneous_pipeline_gives_faster_stages_more_layers():
+    cluster = inv({"device": "H100-SXM", "count": 8}, {"device": "V100", "count": 8})
+    ev = Evaluator(Workload(B13, 64, 2048, "bf16"), cluster, {})
+    hetero = [lay for lay in layouts(ev, cluster.groups) if lay.family == "hetero-pipeline" and lay.pp == 2]
+    assert hetero
+    for lay in hetero:
+        by_dev = dict(zip((g.device.name for g in lay.kinds[0][0]), lay.stage_layers, strict=True))
+        assert by_dev["H100-SXM"] > by_dev["V100"]
+    assert speed_layers(24, [3.0, 1.0]) == (18, 6)
+
+
+def test_slow_far_nodes_are_left_out():
+    cluster = inv({"device": "H100-SXM", "count": 8, "replicas": 2, "site": "cloud", "network_gbps": 400},
+                  {"device": "V100", "count": 8, "replicas": 4, "site": "onprem"}, inter_site=1.25)
+    top = search(Workload(B13, 512, 2048, "bf16"), cluster).ranked[0]
+    assert top.devices_used == {"H100-SXM": 16}
+
+
+def test_infeasible_input_says_what_would_fit():
+    cluster = inv({"device": "T4", "count": 1})
+    w = Workload(preset("13b"), 8, 2048, "bf16")
+    res = search(w, cluster)
+    assert res.ranked == [] and any("out of memory" in r for r in res.reasons)
+    msg = nothing_fits(res, cluster, w)
+    assert "No plan fits" in msg and "Smallest change that fits: double every node group" not in msg
+    assert "Smallest change" in msg or "None of" in msg
+
+
+def test_infeasible_small_change_found():
+    cluster = inv({"device": "A100-40GB", "count": 1})
+    w = Workload(preset("gpt2-1.3b"), 8, 2048, "bf16")  # 21 GB of states + activations: tight on one 40 GB GPU
+    res = search(w, cluster)
+    if res.ranked:  # fits with recomputation: then shrink memory until it does not
+        cluster = inv({"device": "T4", "count": 1})
+        res = search(w, cluster)
+    assert not res.ranked
+    assert "Smallest change that fits" in nothing_fits(res, cluster, w)
+
+
+def test_profile_round_trip_and_use(tmp_path):
+    prof = DeviceProfile(((64, 2e9), (512, 4e9)), 1.5e9, 4e-5, 0.0, 0.9, 3e8, 8e9)
+    save_profile(tmp_path / "p.json", {"cpu": prof})
+    loaded = load_profile(tmp_path / "p.json")
+    assert loaded == {"cpu": prof}
+    dev = device_models(loaded)["cpu"]
+    assert dev.flops("fp32", 64) == 2e9 and dev.flops("fp32", 288) == pytest.approx(3e9)
+    assert dev.flops("fp32", 10_000) == 4e9 and dev.link_bw == 1.5e9 and dev.device.memory_bytes == 8e9
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a distgpt hardware profile"):
+        load_profile(tmp_path / "bad.json")
+
+
+def test_inventory_from_ray_cluster_yaml_and_errors(tmp_path):
+    cluster = load_inventory(REPO / "cluster" / "aws-hetero.yaml")
+    assert cluster.by_type() == {"H100-SXM": 16, "A100-40GB": 32}
+    assert load_inventory(REPO / "cluster" / "inventory-hetero.toml").by_type() == {"H100-SXM": 16, "V100": 32}
+    (tmp_path / "bad.toml").write_text('[[nodes]]\ndevice = "Z80"\ncount = 1\n')
+    with pytest.raises(InventoryError, match="unknown device type 'Z80'"):
+        load_inventory(tmp_path / "bad.toml")
+
+
+def test_plan_command_json_save_and_exit_codes(tmp_path, capsys):
+    args = ["plan", str(REPO / "jobs" / "tiny.toml"), "--inventory", str(REPO / "cluster" / "inventory-hetero.toml")]
+    assert main([*args, "--json", "--save", str(tmp_path / "plan.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plans"] and out["plans"][0]["tokens_per_s"] > 0
+    saved = Plan.from_json((tmp_path / "plan.json").read_text())
+    assert saved.describe() == out["plans"][0]["describe"]
+    assert main([*args, "--model.preset=13b", "--data.seq_len=2048", "--max-price-per-hour=1"]) == 3
+    assert "No plan fits" in capsys.readouterr().out
+    assert main(["plan", str(REPO / "jobs" / "tiny.toml"), "--inventory", str(tmp_path / "none.toml")]) == 2
