@@ -52,7 +52,7 @@ def layer_curve(cfg, seq: int) -> tuple[list[list[float]], float]:
     for b in MICRO:
         x = torch.randn(b, seq, cfg.n_embd, requires_grad=True)
 
-        def step():
+        def step(x=x):
             block(x).sum().backward()
 
         t = _time(step)

@@ -1,4 +1,4 @@
-"""Human output of the planner: the ranked table, an explanation of the top plan, and what to change when nothing fits."""
+"""Human output of the planner: the ranked table, an explanation of the top plan, what to change when nothing fits."""
 
 from __future__ import annotations
 

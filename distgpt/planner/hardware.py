@@ -1,8 +1,9 @@
 """Device catalog: dense peak FLOP/s, memory, bandwidths — from the vendors' datasheets. No torch import.
 
-Figures are dense (no 2:4 sparsity). bf16 for cards without bf16 (V100, T4) holds their fp16 tensor-core peak, which is
-what mixed precision uses there. Sources:
-  H200 SXM      — NVIDIA H200 Tensor Core GPU datasheet (2024): 989 TF bf16, 67 TF fp32, 141 GB, 4.8 TB/s, NVLink 900 GB/s
+Figures are dense (no 2:4 sparsity). bf16 for cards without bf16 (V100, T4) holds their fp16 tensor-core peak,
+which is what mixed precision uses there. Sources:
+  H200 SXM      — NVIDIA H200 Tensor Core GPU datasheet (2024): 989 TF bf16, 67 TF fp32, 141 GB, 4.8 TB/s, NVLink
+                  900 GB/s
   H100 SXM/PCIe — NVIDIA H100 Tensor Core GPU datasheet (2023): SXM 989 TF bf16, 67 TF fp32, 80 GB, 3.35 TB/s, NVLink
                   900 GB/s; PCIe 756 TF bf16, 51 TF fp32, 80 GB, 2.0 TB/s, PCIe Gen5 128 GB/s
   A100 80/40 GB — NVIDIA A100 datasheet (2021): 312 TF bf16, 19.5 TF fp32, 2.04 / 1.56 TB/s, NVLink 600 GB/s
