@@ -116,14 +116,71 @@ def worker(out: str, job_path: str, overrides: list[str]) -> None:
     dist.barrier()
 
 
+# The calibration configuration: smaller and shaped differently from what `bench plan-accuracy` evaluates, so that
+# accuracy is judged on plans the profile has not seen.
+CALIB = ["--train.global_batch_size=8", "--train.micro_batch_size=2", "--data.seq_len=64",
+         "--data.prepared=data/calibration", "--train.progress=false", "--train.tensorboard=false"]
+MECHANISMS = {
+    "ddp": ["--plan.dp=2"], "fsdp": ["--plan.dp=2", "--plan.dp_engine='fsdp'"],
+    "zero1": ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=1"],
+    "zero2": ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=2"],
+    "zero3": ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=3"],
+    "tp": ["--plan.tp=2"], "pp": ["--plan.pp=2"],
+}
+
+
 def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
-    """Launch the measurement under torchrun on loopback."""
+    """Measure devices under torchrun on loopback, then each parallel mechanism's overhead (needs ≥ 2 ranks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={port}", "-m", "distgpt.bench.hardware", out, job, *overrides]
-    return subprocess.run(cmd, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"}).returncode
+    rc = subprocess.run(cmd, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"}).returncode
+    if rc == 0 and nproc >= 2:
+        calibrate_mechanisms(out, job, overrides)
+    return rc
+
+
+def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: int = 8) -> None:
+    """Run each mechanism at the calibration config; store measured − modelled time and memory in the profile."""
+    import dataclasses
+    import tempfile
+
+    from distgpt.bench.parallel_bench import launch
+    from distgpt.config import load_job
+    from distgpt.planner.calibrate import device_models, load_profile, save_profile
+    from distgpt.planner.cost import Workload
+    from distgpt.planner.evaluate import predict
+    from distgpt.planner.inventory import inventory_from_dict
+    from distgpt.trainer import ensure_prepared
+
+    base = [*overrides, *CALIB]
+    job = load_job(job_path, base)
+    vocab = ensure_prepared(job, progress=lambda s: None)["tokenizer"]["vocab_size"]
+    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len, "fp32")
+    prof = load_profile(out)["cpu"]
+    inv = inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]})
+    devices = device_models({"cpu": prof})
+    times, mems = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, extra in MECHANISMS.items():
+            got = launch(2, job_path, base + extra, steps, False, tmp)
+            plan = load_job(job_path, base + extra).plan.with_micro_batch(job.train.micro_batch_size)
+            pred = predict(plan, w, inv, devices)
+            if "error" in got or isinstance(pred, str):
+                print(f"  calibration of {key} skipped: {got.get('error') or pred}")
+                continue
+            measured = w.global_batch * w.seq_len / got["tokens_per_s"]
+            n_micro = plan.shares(w.global_batch)[0] // plan.micro_batch_size
+            per = (measured - pred.step_time) / (n_micro * w.model.n_layer / plan.pp)
+            extra_mem = got["peak_mb"] * 2**20 - max(pred.memory.values())
+            times.append((key, per))
+            mems.append((key, extra_mem))
+            print(f"  {key}: measured {measured * 1e3:.0f} ms/step vs modelled {pred.step_time * 1e3:.0f} ms → "
+                  f"{per * 1e3:+.2f} ms per micro-batch per layer, {extra_mem / 2**20:+.0f} MiB")
+    prof = dataclasses.replace(prof, engine_time=tuple(times), engine_memory=tuple(mems))
+    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB})
 
 
 if __name__ == "__main__":

@@ -32,18 +32,19 @@ def plan_command(args: argparse.Namespace, overrides: list[str]) -> int:
                  "bf16" if job.train.dtype == "bf16" else "fp32")
     objective = Objective(args.objective, args.max_price_per_hour, args.min_tokens_per_s)
     t0 = time.perf_counter()
-    res = search(w, inv, objective, devices, args.top)
+    res = search(w, inv, objective, devices, max(args.top, 50))  # the explanation compares with the runners-up
+    shown = res.ranked[: args.top]
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"inventory": inv.summary(), "search_seconds": elapsed, "evaluated": res.evaluated,
-                          "plans": [_as_json(c) for c in res.ranked],
+                          "plans": [_as_json(c) for c in shown],
                           "nothing_fits": None if res.ranked else nothing_fits(res, inv, w)}, indent=2))
     else:
         print(f"{inv.summary()} | {w.model.n_layer}L d={w.model.n_embd} batch {w.global_batch}×{w.seq_len} "
               f"{w.dtype} | {res.evaluated} candidates in {elapsed:.2f}s"
               f"{' | measured profile' if devices else ' | catalog peaks (no profile)'}")
         if res.ranked:
-            print(table(res) + "\n\n" + explain(res.ranked[0], inv, w))
+            print(table(res, args.top) + "\n\n" + explain(res.ranked[0], inv, w, res.ranked[1:]))
         else:
             print(nothing_fits(res, inv, w))
     if res.ranked and args.save:

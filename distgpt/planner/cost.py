@@ -65,6 +65,16 @@ class DeviceModel:
     overhead_bytes: float = -1.0
     flops_curve: tuple[tuple[float, float], ...] = ()
     """Measured (tokens per micro-batch, FLOP/s) points; interpolated, flat beyond the measured range."""
+    engine_time: tuple[tuple[str, float], ...] = ()
+    """Measured software cost of each parallel mechanism ('ddp', 'fsdp', 'zero1'..'zero3', 'tp', 'pp'), in seconds
+    per micro-batch per local layer: hooks, copies and small collectives the FLOP and bandwidth terms miss."""
+    engine_memory: tuple[tuple[str, float], ...] = ()
+    """Measured extra resident bytes per rank of each mechanism (its buffers and libraries)."""
+
+    def engine_cost(self, keys: list[str]) -> tuple[float, float]:
+        """(seconds per micro-batch per layer, bytes) the mechanisms in ``keys`` add on this device."""
+        t, m = dict(self.engine_time), dict(self.engine_memory)
+        return sum(t.get(k, 0.0) for k in keys), sum(m.get(k, 0.0) for k in keys)
 
     def flops(self, dtype: str, tokens: float = 0.0) -> float:
         """FLOP/s of transformer layers at ``tokens`` per micro-batch."""
@@ -84,6 +94,20 @@ class DeviceModel:
     @property
     def overhead(self) -> float:
         return self.overhead_bytes if self.overhead_bytes >= 0 else self.device.runtime_overhead_bytes
+
+
+def engine_keys(engine: str, zero: int, dp: int, tp: int, pp: int) -> list[str]:
+    """Names of the parallel mechanisms a plan uses (what calibration measures separately)."""
+    keys = []
+    if dp > 1:
+        keys.append(f"zero{zero}" if engine == "deepspeed" else engine)
+    elif engine == "deepspeed":
+        keys.append(f"zero{zero}")
+    if tp > 1:
+        keys.append("tp")
+    if pp > 1:
+        keys.append("pp")
+    return keys
 
 
 def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:

@@ -59,10 +59,13 @@ class Evaluator:
     def dev(self, g: NodeGroup) -> DeviceModel:
         return self.devices.get(g.device.name) or DeviceModel(g.device)
 
-    def stage_time(self, lay: Layout, stages: tuple[NodeGroup, ...], j: int, m: int, rc: bool) -> float:
-        """One micro-batch through stage j: its layers, the head on the last stage, sends to the next stage."""
+    def stage_time(self, lay: Layout, stages: tuple[NodeGroup, ...], j: int, m: int, rc: bool,
+                   keys: tuple[str, ...] = ()) -> float:
+        """One micro-batch through stage j: its layers, the head on the last stage, sends to the next stage, and
+        the measured software cost of the parallel mechanisms in ``keys``."""
         d = self.dev(stages[j])
-        t = lay.stage_layers[j] * cost.layer_time(self.w, d, m, lay.tp, rc)
+        per_layer = cost.layer_time(self.w, d, m, lay.tp, rc) + d.engine_cost(list(keys))[0]
+        t = lay.stage_layers[j] * per_layer
         if j == lay.pp - 1:
             t += cost.head_time(self.w, d, m, lay.tp)
         if lay.pp > 1:
@@ -114,7 +117,8 @@ class Evaluator:
         lay = self.cap_replicas(lay, w.global_batch // m // min_units, m, rc)
         if lay is None:
             return "global batch too small for this many replicas at this micro-batch size"
-        times = [max(self.stage_time(lay, st, j, m, rc) for j in range(lay.pp)) for st, _ in lay.kinds]
+        keys = tuple(cost.engine_keys(engine, zero, sum(n for _, n in lay.kinds), lay.tp, lay.pp))
+        times = [max(self.stage_time(lay, st, j, m, rc, keys) for j in range(lay.pp)) for st, _ in lay.kinds]
         counts = [n for _, n in lay.kinds]
         per = self.shares(times, counts, w.global_batch // m, min_units)
         if per is None:
@@ -122,7 +126,7 @@ class Evaluator:
         dp = sum(counts)
         compute = max((max(u) + lay.pp - 1) * t for u, t in zip(per, times, strict=True))
         bubble = max((lay.pp - 1) * t for t in times)
-        mem, cap, params = self.memory(lay, m, engine, zero, rc, dp, min(min(u) for u in per))
+        mem, cap, params = self.memory(lay, m, engine, zero, rc, dp, min(min(u) for u in per), keys)
         over = [k for k in mem if mem[k] > cap[k]]
         if over:
             return f"out of memory on {over[0]}: {mem[over[0]] / 1e9:.1f} GB > {cap[over[0]] / 1e9:.1f} GB"
@@ -155,7 +159,8 @@ class Evaluator:
             left -= take
         return replace(lay, kinds=tuple(kinds))
 
-    def memory(self, lay: Layout, m: int, engine: str, zero: int, rc: bool, dp: int, min_micro: int):
+    def memory(self, lay: Layout, m: int, engine: str, zero: int, rc: bool, dp: int, min_micro: int,
+               keys: tuple[str, ...] = ()):
         """Peak bytes per device type, capacities, and the largest per-device parameter count."""
         mem: dict[str, float] = {}
         cap: dict[str, float] = {}
@@ -168,7 +173,8 @@ class Evaluator:
                 act = cost.layer_activation_bytes(self.w, m, lay.tp, rc, g.device.flash_attention) * d.act_scale
                 total = (cost.state_bytes(p, engine, zero, dp)
                          + lay.stage_layers[j] * act * cost.in_flight("1f1b", j, lay.pp, min_micro)
-                         + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead)
+                         + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead
+                         + d.engine_cost(list(keys))[1])
                 mem[g.device.name] = max(mem.get(g.device.name, 0.0), total)
                 cap[g.device.name] = g.device.memory_bytes
         return mem, cap, worst_params
@@ -202,3 +208,13 @@ class Evaluator:
         for stages, n in lay.kinds:
             for g in stages:
                 yield g, n * lay.tp
+
+
+def predict(plan: Plan, w: Workload, inv: Inventory, devices: dict[str, DeviceModel]) -> Candidate | str:
+    """The cost model's figures for one explicit, homogeneous Plan on the first node group of ``inv``."""
+    g = inv.groups[0]
+    layers = plan.stage_layers or tuple(r[1] - r[0] for r in plan.layer_ranges(w.model.n_layer))
+    lay = Layout(plan.tp, plan.pp, tuple(layers), (((g,) * plan.pp, plan.dp),), "replicas")
+    ev = Evaluator(w, inv, devices)
+    micro = plan.micro_batch_size or w.global_batch // plan.dp
+    return ev.evaluate(lay, micro, plan.dp_engine, plan.zero_stage, plan.recompute)

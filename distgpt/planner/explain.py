@@ -12,11 +12,11 @@ from distgpt.planner.search import SearchResult, search
 GB = 1e9
 
 
-def table(res: SearchResult) -> str:
-    """The ranked plans, one per line."""
+def table(res: SearchResult, top: int = 10) -> str:
+    """The first ``top`` ranked plans, one per line."""
     head = f"{'#':>2}  {'step s':>8} {'tokens/s':>11} {'MFU':>5} {'$/Mtok':>8}  {'peak mem / capacity':28} plan"
     lines = [head, "-" * len(head)]
-    for i, c in enumerate(res.ranked, 1):
+    for i, c in enumerate(res.ranked[:top], 1):
         mem = ", ".join(f"{k} {c.memory[k] / GB:.0f}/{c.capacity[k] / GB:.0f}G" for k in sorted(c.memory))
         cost = f"{c.cost_per_mtok:8.3g}" if c.cost_per_mtok else f"{'-':>8}"
         lines.append(f"{i:>2}  {c.step_time:8.3g} {c.tokens_per_s:11,.0f} {c.mfu:5.2f} {cost}  {mem:28} "
@@ -24,10 +24,24 @@ def table(res: SearchResult) -> str:
     return "\n".join(lines)
 
 
-def explain(c: Candidate, inv: Inventory, w: Workload) -> str:
-    """Why the top plan looks the way it does, in operator terms."""
+def _versus(c: Candidate, others: list[Candidate]) -> str | None:
+    """Why not the best plan with other degrees: the time term that grows most there."""
+    alt = next((o for o in others if (o.plan.tp, o.plan.pp) != (c.plan.tp, c.plan.pp)), None)
+    if alt is None:
+        return None
+    worse = max(alt.breakdown, key=lambda k: alt.breakdown[k] - c.breakdown.get(k, 0.0))
+    return (f"- Why tp={c.plan.tp}, pp={c.plan.pp}: the best plan with other degrees ({alt.plan.describe()}) is "
+            f"{alt.step_time / c.step_time - 1:+.0%} slower, mostly in {worse.replace('_', ' ')} "
+            f"({c.breakdown.get(worse, 0.0):.3g} s → {alt.breakdown[worse]:.3g} s).")
+
+
+def explain(c: Candidate, inv: Inventory, w: Workload, others: list[Candidate] = ()) -> str:
+    """Why the top plan looks the way it does, in operator terms (``others``: the rest of the ranking)."""
     p, lay = c.plan, c.layout
     out = [f"Top plan: {p.describe()}"]
+    why = _versus(c, list(others))
+    if why:
+        out.append(why)
     used = ", ".join(f"{n}× {k}" for k, n in c.devices_used.items())
     left = {k: n - c.devices_used.get(k, 0) for k, n in inv.by_type().items()}
     idle = ", ".join(f"{n}× {k}" for k, n in left.items() if n > 0)

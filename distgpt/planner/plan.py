@@ -75,6 +75,10 @@ class Plan:
             return list(self.batch_shares)
         return [global_batch // self.dp] * self.dp
 
+    def num_micro_batches(self, global_batch: int) -> list[int]:
+        """Micro-batches per step of each replica (its share over micro_batch_size; 1 when unset)."""
+        return [s // (self.micro_batch_size or s) for s in self.shares(global_batch)]
+
     def layer_ranges(self, n_layer: int) -> list[tuple[int, int]]:
         """[start, end) block indices of each (virtual) stage, in pipeline order."""
         n = self.pp * self.virtual_stages

@@ -11,7 +11,7 @@ from distgpt.model.presets import layer_params, param_count, preset
 from distgpt.planner import cost
 from distgpt.planner.calibrate import DeviceProfile, device_models, load_profile, save_profile
 from distgpt.planner.cost import DeviceModel, Workload
-from distgpt.planner.evaluate import Evaluator
+from distgpt.planner.evaluate import Evaluator, predict
 from distgpt.planner.explain import nothing_fits
 from distgpt.planner.hardware import CATALOG, device_type
 from distgpt.planner.inventory import InventoryError, inventory_from_dict, load_inventory
@@ -164,3 +164,19 @@ def test_plan_command_json_save_and_exit_codes(tmp_path, capsys):
     assert main([*args, "--model.preset=13b", "--data.seq_len=2048", "--max-price-per-hour=1"]) == 3
     assert "No plan fits" in capsys.readouterr().out
     assert main(["plan", str(REPO / "jobs" / "tiny.toml"), "--inventory", str(tmp_path / "none.toml")]) == 2
+
+
+def test_measured_engine_costs_enter_time_and_memory():
+    cpu = CATALOG["cpu"]
+    base = DeviceModel(cpu, achieved_flops=1e10, intra_bw=1e9, comm_overlap=0.0)
+    costly = DeviceModel(cpu, achieved_flops=1e10, intra_bw=1e9, comm_overlap=0.0,
+                         engine_time=(("fsdp", 0.01),), engine_memory=(("fsdp", 5e7),))
+    w = Workload(preset("tiny", n_layer=4), 8, 64, "fp32")
+    cluster = inv({"device": "cpu", "count": 2})
+    plan = Plan(dp=2, dp_engine="fsdp", micro_batch_size=2)
+    a, b = predict(plan, w, cluster, {"cpu": base}), predict(plan, w, cluster, {"cpu": costly})
+    assert b.step_time - a.step_time == pytest.approx(0.01 * 4 * 2)  # per layer × 4 layers × 2 micro-batches
+    assert b.memory["cpu"] - a.memory["cpu"] == pytest.approx(5e7)
+    assert cost.engine_keys("deepspeed", 3, 2, 1, 1) == ["zero3"]
+    assert cost.engine_keys("ddp", 0, 2, 2, 2) == ["ddp", "tp", "pp"]
+    assert Plan(dp=2, micro_batch_size=2).num_micro_batches(8) == [2, 2]
