@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("plan-accuracy", help="run the planner's plans here; predicted vs measured")
     p.add_argument("job", nargs="?", default="jobs/bench-parallel.toml")
     p.add_argument("--profile", required=True, help="profile from `distgpt bench hardware`")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--plans", type=int, default=6)
     p.set_defaults(func=cmd_bench_accuracy)
     return parser

@@ -142,7 +142,7 @@ def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
     return rc
 
 
-def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: int = 8) -> None:
+def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: int = 16) -> None:
     """Run each mechanism at the calibration config; store measured − modelled time and memory in the profile."""
     import dataclasses
     import tempfile

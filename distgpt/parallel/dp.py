@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distgpt.model.gpt import lm_loss
-from distgpt.parallel.engine import Engine, global_mean
+from distgpt.parallel.engine import LocalEngine, global_mean
 from distgpt.parallel.mesh import ParallelMesh
 
 
@@ -63,7 +63,7 @@ def deepspeed_config(plan, micro: int, n_micro: int, lr: float, betas: tuple[flo
     }
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(LocalEngine):
     """ZeRO via ``deepspeed.initialize``; DeepSpeed scales each micro-batch loss by 1/accumulation steps itself."""
 
     def __init__(self, model: nn.Module, groups: list[dict], mesh: ParallelMesh, shares: list[int], micro: int,
@@ -82,8 +82,7 @@ class DeepSpeedEngine(Engine):
         self.set_lr(lr)
         total = torch.zeros((), device=self.mesh.device)
         n = len(x)
-        for s in range(0, n, self.micro):
-            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+        for xb, yb in self.micro_batches(x, y):
             loss = lm_loss(self.engine(xb), yb)
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
@@ -91,14 +90,6 @@ class DeepSpeedEngine(Engine):
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else 0.0, dtype=torch.float32)
         return global_mean(total, self.mesh, self.shares), norm
-
-    @torch.no_grad()
-    def eval_sum(self, x, y):
-        total = torch.zeros((), device=self.mesh.device)
-        for s in range(0, len(x), self.micro):
-            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
-            total += lm_loss(self.engine(xb), yb) * len(xb)
-        return total
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered from its ZeRO-3 partitions where needed, on every rank."""

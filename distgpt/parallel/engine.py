@@ -86,6 +86,11 @@ class Engine:
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor):
+        """(inputs, targets) of each micro-batch, on this rank's device."""
+        for s in range(0, len(x), self.micro):
+            yield x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's batch (x, y); returns (global mean loss, gradient norm)."""
         raise NotImplementedError
@@ -114,12 +119,11 @@ class LocalEngine(Engine):
         model = self.modules[0]
         n, w = len(x), replica_weight(self.mesh, self.shares)
         total = torch.zeros((), device=self.mesh.device)
-        starts = list(range(0, n, self.micro))
-        for i, s in enumerate(starts):
-            last = i == len(starts) - 1
+        count = -(-n // self.micro)
+        for i, (xb, yb) in enumerate(self.micro_batches(x, y)):
+            last = i == count - 1
             if last and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(True)
-            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
             with self._no_sync(last), loss_context(self.mesh.plan.tp):
                 with self.autocast:
                     loss = lm_loss(model(xb), yb) * (len(xb) / n)
@@ -136,8 +140,7 @@ class LocalEngine(Engine):
     @torch.no_grad()
     def eval_sum(self, x, y):
         total = torch.zeros((), device=self.mesh.device)
-        for s in range(0, len(x), self.micro):
-            xb, yb = x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+        for xb, yb in self.micro_batches(x, y):
             with loss_context(self.mesh.plan.tp), self.autocast:
                 total += _local(lm_loss(self.modules[0](xb), yb)) * len(xb)
         return total
