@@ -129,6 +129,24 @@ class SampleSection:
 
 
 @dataclass
+class CheckpointSection:
+    """Sharded checkpoints (any pyarrow URI: s3://, gs://, file://, a path)."""
+
+    uri: str = ""
+    """Checkpoint root (default: <out_dir>/checkpoints)."""
+    interval: int = 0
+    """Save every this many steps (0: never)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto': continue from the latest committed checkpoint under uri, if any."""
+    fallback: bool = False
+    """On a corrupt latest checkpoint, load the previous good one instead of stopping."""
+
+
+@dataclass
 class JobConfig:
     """A whole job file."""
 
@@ -139,6 +157,12 @@ class JobConfig:
     sample: SampleSection = field(default_factory=SampleSection)
     plan: Plan = field(default_factory=Plan)
     """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    @property
+    def checkpoint_uri(self) -> str:
+        """Resolved checkpoint root."""
+        return self.checkpoint.uri or f"{self.out_dir}/checkpoints"
 
     @property
     def out_dir(self) -> str:
@@ -237,7 +261,7 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
             problems.append(f"{key}: unknown section — sections are {', '.join(known)}")
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-             "sample": SampleSection, "plan": Plan}
+             "sample": SampleSection, "plan": Plan, "checkpoint": CheckpointSection}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -285,6 +309,9 @@ def validate(job: JobConfig) -> list[str]:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
     plan = job.plan.with_micro_batch(t.micro_batch_size if micro_ok else 0)  # a bad one is reported once, above
     p += [f"plan.{msg}" for msg in plan.problems(gpt, None, t.global_batch_size)]
+    c = job.checkpoint
+    if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
+        p.append("checkpoint: need interval ≥ 0 (0: off), keep_last ≥ 1, keep_every ≥ 0")
     if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
         p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
     return p

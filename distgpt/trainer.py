@@ -16,6 +16,8 @@ import torch
 
 from distgpt import storage
 from distgpt.checkpoint.export import save_model_dir
+from distgpt.checkpoint.manager import CheckpointManager
+from distgpt.checkpoint.storage import preflight
 from distgpt.config import JobConfig
 from distgpt.config_schema import to_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest
@@ -100,6 +102,27 @@ class Trainer:
                                  self.shares)
         self.seq_len = self.train_set.seq_len
         self.step = 0
+        self.checkpoints = self._checkpoint_manager()
+
+    def _checkpoint_manager(self) -> CheckpointManager | None:
+        c = self.job.checkpoint
+        if c.interval:
+            preflight(self.job.checkpoint_uri)  # an unwritable bucket fails now, not at the first save
+        mgr = CheckpointManager(self.job.checkpoint_uri, c.keep_last, c.keep_every)
+        if c.resume == "auto" and mgr.committed():
+            manifest = mgr.load(self.engine, fallback=c.fallback)
+            self.step = manifest["step"]
+            self.loader.load_state_dict(manifest["loader"])
+            self.log(f"resumed from step {self.step} ({storage.redact(self.job.checkpoint_uri)}), saved under "
+                     f"plan {manifest['plan_describe']}")
+        return mgr if c.interval else None
+
+    def save_checkpoint(self) -> str:
+        """Collective: write this step's sharded checkpoint (manifest last)."""
+        assert self.checkpoints is not None
+        meta = {"plan": json.loads(self.plan.to_json()), "plan_describe": self.plan.describe(),
+                "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": to_dict(self.job)}
+        return self.checkpoints.save(self.step, self.engine, meta)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over a global batch; returns (global mean loss, grad norm) as 0-d tensors."""
@@ -163,6 +186,12 @@ class Trainer:
                     pending.clear()
                     if sink:
                         self._log_train(sink, bar, result, float(norm), tokens_per_step, peak)
+                if self.checkpoints is not None and t.max_steps and self.job.checkpoint.interval and (
+                    self.step % self.job.checkpoint.interval == 0
+                ):
+                    where = self.save_checkpoint()
+                    if sink:
+                        bar.write(f"step {self.step}: checkpoint {where}")
                 if self.val_set is not None and (
                     (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps
                 ):

@@ -1,0 +1,182 @@
+"""Sharded checkpoints committed by a manifest written last; loadable into a different Plan.
+
+Layout under the checkpoint root (any pyarrow URI)::
+
+    step-00000120/__0_0.distcp …   each rank's shards (DCP), written by that rank; nothing is gathered
+    step-00000120/.metadata        DCP's index of every tensor shard
+    step-00000120/manifest.json    files with sizes and sha256, step, Plan, model config, loader and RNG states
+
+A checkpoint exists only once its manifest exists. Loading goes through DCP against the *current* engine's state
+dicts, so DTensor (FSDP2, TP) and pipeline-stage layouts are resharded on the fly and each rank reads only what it
+needs. Status: synchronous saves; DeepSpeed engines and interleaved pipelines are not covered yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from distgpt import storage
+from distgpt.checkpoint.storage import ArrowReader, ArrowWriter, delete_dir, list_dir, with_retries
+from distgpt.storage import StorageError, redact
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded (missing, corrupt, or incompatible); the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A checkpoint whose manifest exists."""
+
+    step: int
+    uri: str
+
+
+def _dist() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(obj):
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _state_target(engine):
+    """(module whose FQNs are the whole model's, optimizer) for DCP's state-dict helpers."""
+    from distgpt.parallel.dp import DeepSpeedEngine
+
+    if isinstance(engine, DeepSpeedEngine) or len(engine.modules) != 1:
+        raise CheckpointError("sharded checkpoints of DeepSpeed engines and interleaved pipelines are not "
+                              "supported yet — use dp_engine 'ddp' or 'fsdp' and virtual_stages=1")
+    return engine.modules[0], engine.optimizer
+
+
+def _sha256(uri: str) -> tuple[int, str]:
+    data = storage.read_bytes(uri)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+class CheckpointManager:
+    """Save / list / load / retain checkpoints under ``root``."""
+
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0):
+        self.root, self.keep_last, self.keep_every = root, keep_last, keep_every
+
+    def uri(self, step: int) -> str:
+        return storage.join(self.root, f"step-{step:08d}")
+
+    def committed(self) -> list[Committed]:
+        """Checkpoints with a manifest, oldest first."""
+        out = []
+        for info in list_dir(self.root):
+            name = info.base_name
+            if name.startswith("step-") and storage.exists(storage.join(self.root, name, MANIFEST)):
+                out.append(Committed(int(name[5:]), storage.join(self.root, name)))
+        return sorted(out, key=lambda c: c.step)
+
+    def save(self, step: int, engine, meta: dict) -> str:
+        """Collective: every rank writes its shards; rank 0 commits the manifest last. Returns the URI."""
+        rank, _ = _dist()
+        uri = self.uri(step)
+        t0 = time.perf_counter()
+        model, optim = _state_target(engine)
+        msd, osd = get_state_dict(model, optim)
+        with_retries(lambda: dcp.save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri)),
+                     f"saving {redact(uri)}")
+        rng = _gather(torch.get_rng_state().tolist())
+        mine = [info.base_name for info in list_dir(uri) if info.base_name.startswith(f"__{rank}_")]
+        files = _gather({name: _sha256(storage.join(uri, name)) for name in mine})
+        if rank == 0:
+            merged = {k: v for part in files for k, v in part.items()}
+            merged[".metadata"] = _sha256(storage.join(uri, ".metadata"))
+            manifest = {"format": "distgpt-checkpoint/1", "step": step, "saved_unix": time.time(),
+                        "files": {k: {"bytes": b, "sha256": h} for k, (b, h) in sorted(merged.items())},
+                        "rng": rng, **meta}
+            storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest).encode())  # the commit
+            self.retain()
+        if dist.is_initialized():
+            dist.barrier()
+        return f"{uri} ({time.perf_counter() - t0:.2f}s)"
+
+    def retain(self) -> None:
+        """Keep the last ``keep_last`` checkpoints (and every ``keep_every``-th step); delete the rest and any
+        uncommitted leftovers older than the newest commit."""
+        done = self.committed()
+        keep = {c.step for c in done[-self.keep_last :]}
+        keep |= {c.step for c in done if self.keep_every and c.step % self.keep_every == 0}
+        newest = done[-1].step if done else -1
+        for info in list_dir(self.root):
+            if not info.base_name.startswith("step-"):
+                continue
+            step = int(info.base_name[5:])
+            if step not in keep and step <= newest:
+                delete_dir(storage.join(self.root, info.base_name))
+
+    def verify(self, c: Committed) -> dict:
+        """The manifest, after checking every file's size and sha256; CheckpointError names the first bad one."""
+        manifest = json.loads(storage.read_bytes(storage.join(c.uri, MANIFEST)))
+        for name, want in manifest["files"].items():
+            try:
+                size, digest = _sha256(storage.join(c.uri, name))
+            except StorageError:
+                raise CheckpointError(f"{redact(c.uri)}: file {name} is missing") from None
+            if (size, digest) != (want["bytes"], want["sha256"]):
+                raise CheckpointError(f"{redact(c.uri)}: file {name} is corrupt (checksum mismatch)")
+        return manifest
+
+    def load(self, engine, step: int | None = None, fallback: bool = False) -> dict:
+        """Load the latest (or the given) committed checkpoint into ``engine``, resharding to its Plan.
+        With ``fallback``, a corrupt checkpoint is skipped for the previous good one. Returns the manifest."""
+        done = [c for c in self.committed() if step is None or c.step == step]
+        if not done:
+            raise CheckpointError(f"no committed checkpoint{f' at step {step}' if step is not None else ''} under "
+                                  f"{redact(self.root)}")
+        errors = []
+        for c in reversed(done):
+            try:
+                manifest = self._verified(c)
+                break
+            except CheckpointError as e:
+                errors.append(str(e))
+                if not fallback:
+                    raise
+        else:
+            raise CheckpointError("no good checkpoint: " + "; ".join(errors))
+        model, optim = _state_target(engine)
+        msd, osd = get_state_dict(model, optim)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, storage_reader=ArrowReader(c.uri))
+        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rank, world = _dist()
+        if len(manifest["rng"]) == world:  # same world: every rank continues its own random stream
+            torch.set_rng_state(torch.tensor(manifest["rng"][rank], dtype=torch.uint8))
+        return manifest
+
+    def _verified(self, c: Committed) -> dict:
+        """Rank 0 verifies, then tells everyone (one reader instead of N)."""
+        rank, world = _dist()
+        result: list = [None]
+        if rank == 0:
+            try:
+                result = [self.verify(c)]
+            except CheckpointError as e:
+                result = [str(e)]
+        if world > 1:
+            dist.broadcast_object_list(result, src=0)
+        if isinstance(result[0], str):
+            raise CheckpointError(result[0])
+        return result[0]
