@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distgpt import storage
 from distgpt.checkpoint.storage import ArrowReader, ArrowWriter, delete_dir, list_dir, with_retries
@@ -65,6 +65,27 @@ def _state_target(engine):
     return engine.modules[0], engine.optimizer
 
 
+# Optimizer state keyed by parameter FQN (not by position), so it reshards across pipeline stages (as torchtitan).
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+HEAD, EMB = "lm_head.weight.", "tok_emb.weight."
+
+
+def _head_alias(model) -> bool:
+    """A pipeline's last stage holds a tied head without the embedding: its optimizer state is the embedding's."""
+    return (getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
+            and getattr(model, "tok_emb", 1) is None and getattr(model, "lm_head", None) is not None)
+
+
+def _rename(osd: dict, old: str, new: str) -> dict:
+    return {k.replace(old, new): v for k, v in osd.items()}
+
+
+def _state_dicts(model, optim) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts in the checkpoint's canonical naming."""
+    msd, osd = get_state_dict(model, optim, options=OPTIONS)
+    return msd, (_rename(osd, HEAD, EMB) if _head_alias(model) else osd)
+
+
 def _sha256(uri: str) -> tuple[int, str]:
     data = storage.read_bytes(uri)
     return len(data), hashlib.sha256(data).hexdigest()
@@ -94,7 +115,7 @@ class CheckpointManager:
         uri = self.uri(step)
         t0 = time.perf_counter()
         model, optim = _state_target(engine)
-        msd, osd = get_state_dict(model, optim)
+        msd, osd = _state_dicts(model, optim)
         with_retries(lambda: dcp.save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri)),
                      f"saving {redact(uri)}")
         rng = _gather(torch.get_rng_state().tolist())
@@ -157,10 +178,11 @@ class CheckpointManager:
         else:
             raise CheckpointError("no good checkpoint: " + "; ".join(errors))
         model, optim = _state_target(engine)
-        msd, osd = get_state_dict(model, optim)
+        msd, osd = _state_dicts(model, optim)
         state = {"model": msd, "optim": osd}
         dcp.load(state, storage_reader=ArrowReader(c.uri))
-        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        osd = _rename(state["optim"], EMB, HEAD) if _head_alias(model) else state["optim"]
+        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=osd, options=OPTIONS)
         rank, world = _dist()
         if len(manifest["rng"]) == world:  # same world: every rank continues its own random stream
             torch.set_rng_state(torch.tensor(manifest["rng"][rank], dtype=torch.uint8))

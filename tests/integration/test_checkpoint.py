@@ -99,6 +99,7 @@ def _torchrun(nproc: int, *args: str, env: dict) -> None:
 @pytest.mark.parametrize("save_plan,load_plan", [
     (["--plan.dp=2"], ["--plan.tp=2"]),
     (["--plan.dp=2", "--plan.dp_engine='fsdp'"], ["--plan.dp=2"]),
+    (["--plan.dp=2"], ["--plan.pp=2", "--plan.schedule='gpipe'"]),
 ])
 def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, save_plan, load_plan):
     root = bucket[0].format(f"reshard-{save_plan[-1][-5:-1]}-{load_plan[-1][-5:-1]}")
