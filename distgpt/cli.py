@@ -9,13 +9,14 @@ import sys
 from collections.abc import Callable
 
 from distgpt.checkpoint.export import ModelDirError
+from distgpt.checkpoint.manager import CheckpointError
 from distgpt.config_schema import ConfigError
 from distgpt.data.loader import DatasetError
 from distgpt.data.prepare import PrepareError
 from distgpt.data.sources import SourceError
 from distgpt.storage import StorageError
 
-USER_ERRORS = (ConfigError, DatasetError, PrepareError, SourceError, StorageError, ModelDirError)
+USER_ERRORS = (ConfigError, DatasetError, PrepareError, SourceError, StorageError, ModelDirError, CheckpointError)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +134,22 @@ def cmd_bench_accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
 
 
+def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    """List checkpoints, or export one as a consolidated safetensors model."""
+    from distgpt.checkpoint import commands
+
+    if args.checkpoint_command == "ls":
+        rows = commands.ls(args.root)
+        if not rows:
+            print(f"no checkpoints under {args.root}")
+        for r in rows:
+            print(f"step {r['step']:>8}  {r['bytes'] / 2**20:9.2f} MiB  {r['status']:9}  {r['saved']:19}  {r['plan']}")
+        return 0
+    step = commands.export(args.root, args.out, args.step)
+    print(f"exported step {step} to {args.out} — try: distgpt generate --checkpoint {args.out} --prompt '...'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
     parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
@@ -176,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--save", help="write the best Plan as JSON (for `distgpt train --plan`)")
     p.set_defaults(func=cmd_plan)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint commands").add_subparsers(dest="checkpoint_command",
+                                                                                  required=True)
+    p = ck.add_parser("ls", help="list checkpoints with step, size and status")
+    p.add_argument("root", help="checkpoint root (a run's checkpoint.uri)")
+    p.set_defaults(func=cmd_checkpoint)
+    p = ck.add_parser("export", help="write one consolidated safetensors model (+ config, tokenizer)")
+    p.add_argument("root")
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, help="default: the latest committed")
+    p.set_defaults(func=cmd_checkpoint)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("trainer", help="trainer overhead vs a hand-written PyTorch loop")

@@ -190,6 +190,21 @@ class JobConfig:
         return preset(self.model.preset, **over)
 
 
+def public_dict(job: JobConfig) -> dict[str, Any]:
+    """The job as plain dicts with every URI redacted (no query strings or user info): safe for logs and metadata."""
+    from distgpt.config_schema import to_dict
+    from distgpt.storage import redact
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return redact(v) if isinstance(v, str) and "://" in v else v
+
+    return clean(to_dict(job))
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``--a.b=value`` strings → nested dict. Values parse as TOML (numbers, booleans, arrays), else stay strings."""
     out: dict[str, Any] = {}

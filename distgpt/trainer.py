@@ -18,8 +18,7 @@ from distgpt import storage
 from distgpt.checkpoint.export import save_model_dir
 from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.checkpoint.storage import preflight
-from distgpt.config import JobConfig
-from distgpt.config_schema import to_dict
+from distgpt.config import JobConfig, public_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest
 from distgpt.data.prepare import PrepareSpec, prepare
 from distgpt.metrics import MetricsSink, peak_flops, progress_bar
@@ -121,8 +120,8 @@ class Trainer:
         """Collective: write this step's sharded checkpoint (manifest last)."""
         assert self.checkpoints is not None
         meta = {"plan": json.loads(self.plan.to_json()), "plan_describe": self.plan.describe(),
-                "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": to_dict(self.job)}
-        return self.checkpoints.save(self.step, self.engine, meta)
+                "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": public_dict(self.job)}
+        return self.checkpoints.save(self.step, self.engine, meta, self.tokenizer.to_json())
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over a global batch; returns (global mean loss, grad norm) as 0-d tensors."""
@@ -168,7 +167,7 @@ class Trainer:
                  f"{self.seq_len} tokens | device: {self.device} | plan: {self.plan.describe()} | "
                  f"MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
         if sink:
-            sink.write({"step": 0, "kind": "config", "job": to_dict(job), "params": n_params, "peak_flops": peak})
+            sink.write({"step": 0, "kind": "config", "job": public_dict(job), "params": n_params, "peak_flops": peak})
         result = TrainResult(steps=0, losses=[])
         tokens_per_step = t.global_batch_size * self.seq_len
         bar = progress_bar(t.max_steps, self.step, t.progress and self.is_logger)
@@ -213,7 +212,7 @@ class Trainer:
         result.final_dir = os.path.join(job.out_dir, "final")
         weights = self.full_state_dict()  # collective: every rank takes part
         if self.is_logger:
-            meta = {"step": self.step, "job": to_dict(job), "plan": json.loads(self.plan.to_json())}
+            meta = {"step": self.step, "job": public_dict(job), "plan": json.loads(self.plan.to_json())}
             save_model_dir(result.final_dir, weights, self.gpt_cfg, self.tokenizer, meta)
         self.log(f"saved final model to {result.final_dir}")
         return result

@@ -109,8 +109,9 @@ class CheckpointManager:
                 out.append(Committed(int(name[5:]), storage.join(self.root, name)))
         return sorted(out, key=lambda c: c.step)
 
-    def save(self, step: int, engine, meta: dict) -> str:
-        """Collective: every rank writes its shards; rank 0 commits the manifest last. Returns the URI."""
+    def save(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> str:
+        """Collective: every rank writes its shards; rank 0 writes the tokenizer and commits the manifest last.
+        Returns the URI and the time taken."""
         rank, _ = _dist()
         uri = self.uri(step)
         t0 = time.perf_counter()
@@ -124,6 +125,9 @@ class CheckpointManager:
         if rank == 0:
             merged = {k: v for part in files for k, v in part.items()}
             merged[".metadata"] = _sha256(storage.join(uri, ".metadata"))
+            if tokenizer_json:
+                storage.write_bytes(storage.join(uri, "tokenizer.json"), tokenizer_json.encode())
+                merged["tokenizer.json"] = _sha256(storage.join(uri, "tokenizer.json"))
             manifest = {"format": "distgpt-checkpoint/1", "step": step, "saved_unix": time.time(),
                         "files": {k: {"bytes": b, "sha256": h} for k, (b, h) in sorted(merged.items())},
                         "rng": rng, **meta}

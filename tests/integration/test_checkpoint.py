@@ -117,3 +117,28 @@ def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, sav
                 if json.loads(x).get("kind") is None]
 
     assert losses(tmp_path / "a") + losses(tmp_path / "b") == pytest.approx(losses(ref), rel=1e-4)
+
+
+def test_export_ls_and_generate(bucket, tiny_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from distgpt import storage
+    from distgpt.cli import main
+
+    root = bucket[0].format("export")
+    res = run(tiny_data, tmp_path / "run", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
+              "--train.max_steps=4").fit()
+    storage.write_bytes(storage.join(root, "step-00000009", "__0_0.distcp"), b"partial")
+    capsys.readouterr()
+    assert main(["checkpoint", "ls", root]) == 0
+    out = capsys.readouterr().out
+    assert "step        4" in out and "committed" in out and "partial" in out
+    assert "test-secret" not in out and "endpoint_override" not in out
+    assert main(["checkpoint", "export", root, "--out", str(tmp_path / "export")]) == 0
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    final = load_file(f"{res.final_dir}/model.safetensors")
+    assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
+    manifest = CheckpointManager(root).verify(CheckpointManager(root).committed()[-1])
+    assert "endpoint_override" not in json.dumps(manifest)  # URIs in the saved job are redacted
+    assert main(["generate", "--checkpoint", str(tmp_path / "export"), "--prompt", "def", "--max-new-tokens", "5"]) == 0
+    assert main(["checkpoint", "export", root, "--out", str(tmp_path / "x"), "--step", "77"]) == 2
