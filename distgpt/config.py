@@ -144,6 +144,8 @@ class CheckpointSection:
     """'auto': continue from the latest committed checkpoint under uri, if any."""
     fallback: bool = False
     """On a corrupt latest checkpoint, load the previous good one instead of stopping."""
+    async_save: bool = True
+    """Snapshot to host memory and upload in the background while training continues (one save in flight)."""
 
 
 @dataclass

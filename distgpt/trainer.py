@@ -101,6 +101,7 @@ class Trainer:
                                  self.shares)
         self.seq_len = self.train_set.seq_len
         self.step = 0
+        self.checkpoint_stalls: list[float] = []
         self.checkpoints = self._checkpoint_manager()
 
     def _checkpoint_manager(self) -> CheckpointManager | None:
@@ -117,11 +118,15 @@ class Trainer:
         return mgr if c.interval else None
 
     def save_checkpoint(self) -> str:
-        """Collective: write this step's sharded checkpoint (manifest last)."""
+        """Collective: write this step's sharded checkpoint (manifest last); in the background if configured."""
         assert self.checkpoints is not None
         meta = {"plan": json.loads(self.plan.to_json()), "plan_describe": self.plan.describe(),
                 "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": public_dict(self.job)}
-        return self.checkpoints.save(self.step, self.engine, meta, self.tokenizer.to_json())
+        if not self.job.checkpoint.async_save:
+            return self.checkpoints.save(self.step, self.engine, meta, self.tokenizer.to_json())
+        stall = self.checkpoints.save_async(self.step, self.engine, meta, self.tokenizer.to_json())
+        self.checkpoint_stalls.append(stall)
+        return f"snapshot taken, training stalled {stall * 1e3:.1f} ms; uploading in the background"
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over a global batch; returns (global mean loss, grad norm) as 0-d tensors."""
@@ -150,6 +155,16 @@ class Trainer:
         for m in self.engine.modules:
             m.train()
         return float(total) / (t.eval_batches * t.global_batch_size)
+
+    def _checkpoint_tick(self, bar) -> None:
+        """Commit a finished background save; start a new one at the interval."""
+        done = self.checkpoints.poll()
+        if done and self.is_logger:
+            bar.write(f"checkpoint {done}")
+        if self.step % self.job.checkpoint.interval == 0:
+            where = self.save_checkpoint()
+            if self.is_logger:
+                bar.write(f"step {self.step}: checkpoint {where}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (a collective: all ranks must call it)."""
@@ -185,12 +200,8 @@ class Trainer:
                     pending.clear()
                     if sink:
                         self._log_train(sink, bar, result, float(norm), tokens_per_step, peak)
-                if self.checkpoints is not None and t.max_steps and self.job.checkpoint.interval and (
-                    self.step % self.job.checkpoint.interval == 0
-                ):
-                    where = self.save_checkpoint()
-                    if sink:
-                        bar.write(f"step {self.step}: checkpoint {where}")
+                if self.checkpoints is not None:
+                    self._checkpoint_tick(bar)
                 if self.val_set is not None and (
                     (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps
                 ):
@@ -201,6 +212,10 @@ class Trainer:
                     if sink:
                         sink.write({"step": self.step, "kind": "val", "loss": val})
                         bar.write(f"step {self.step}: val loss {val:.4f}")
+            if self.checkpoints is not None:
+                done = self.checkpoints.wait()  # the last save is committed before the run reports success
+                if done:
+                    self.log(f"checkpoint {done}")
         finally:
             bar.close()
             if sink:

@@ -91,11 +91,26 @@ def _sha256(uri: str) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+@dataclass
+class _Pending:
+    """An asynchronous save whose shards are still being written."""
+
+    step: int
+    uri: str
+    future: object
+    meta: dict
+    tokenizer_json: str
+    rng: list
+    started: float
+
+
 class CheckpointManager:
     """Save / list / load / retain checkpoints under ``root``."""
 
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0):
         self.root, self.keep_last, self.keep_every = root, keep_last, keep_every
+        self.pending: _Pending | None = None
+        self._group = None  # background writes talk over their own group, never the training one
 
     def uri(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -110,16 +125,57 @@ class CheckpointManager:
         return sorted(out, key=lambda c: c.step)
 
     def save(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> str:
-        """Collective: every rank writes its shards; rank 0 writes the tokenizer and commits the manifest last.
-        Returns the URI and the time taken."""
-        rank, _ = _dist()
+        """Collective, blocking: every rank writes its shards; rank 0 commits. Returns a line for the log."""
+        self.wait()
         uri = self.uri(step)
         t0 = time.perf_counter()
         model, optim = _state_target(engine)
         msd, osd = _state_dicts(model, optim)
         with_retries(lambda: dcp.save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri)),
                      f"saving {redact(uri)}")
+        self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()))
+        return f"{redact(uri)} saved in {time.perf_counter() - t0:.2f}s (blocking)"
+
+    def save_async(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> float:
+        """Collective: snapshot the state to host memory and write it in the background (at most one save in
+        flight: a previous one is finished and committed first). Returns the seconds training was stalled."""
+        self.wait()
+        t0 = time.perf_counter()
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        model, optim = _state_target(engine)
+        msd, osd = _state_dicts(model, optim)
+        uri = self.uri(step)
+        fut = dcp.async_save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri),
+                             process_group=self._group)
         rng = _gather(torch.get_rng_state().tolist())
+        self.pending = _Pending(step, uri, fut, meta, tokenizer_json, rng, t0)
+        return time.perf_counter() - t0
+
+    def poll(self) -> str | None:
+        """Commit the in-flight save if every rank has finished writing (collective when one is pending)."""
+        if self.pending is None:
+            return None
+        done = torch.tensor([1 if self.pending.future.done() else 0])
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() else None
+
+    def wait(self) -> str | None:
+        """Finish and commit the in-flight save, if any (collective)."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        try:
+            p.future.result()
+        except Exception as e:  # a storage failure: the previous commit stays the latest
+            raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: {e}") from None
+        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng)
+        return f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async)"
+
+    def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list) -> None:
+        """Checksums from every rank, then the tokenizer and the manifest from rank 0: the commit."""
+        rank, _ = _dist()
         mine = [info.base_name for info in list_dir(uri) if info.base_name.startswith(f"__{rank}_")]
         files = _gather({name: _sha256(storage.join(uri, name)) for name in mine})
         if rank == 0:
@@ -135,7 +191,6 @@ class CheckpointManager:
             self.retain()
         if dist.is_initialized():
             dist.barrier()
-        return f"{uri} ({time.perf_counter() - t0:.2f}s)"
 
     def retain(self) -> None:
         """Keep the last ``keep_last`` checkpoints (and every ``keep_every``-th step); delete the rest and any

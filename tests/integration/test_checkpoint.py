@@ -44,12 +44,14 @@ def run(tiny_data, out, *over):
                             "--train.log_interval=1", *over), log=lambda s: None)
 
 
-def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path):
-    root = bucket[0].format("resume")
+@pytest.mark.parametrize("mode", ["true", "false"])
+def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
+    root = bucket[0].format(f"resume-{mode}")
     full = run(tiny_data, tmp_path / "full").fit()
     first = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
-                "--train.max_steps=4").fit()
-    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4")
+                "--train.max_steps=4", f"--checkpoint.async_save={mode}").fit()
+    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
+                  f"--checkpoint.async_save={mode}")
     assert resumed.step == 4 and resumed.loader.state_dict()["consumed"] == 4 * 8
     second = resumed.fit()
     assert first.losses + second.losses == full.losses  # bit for bit
