@@ -24,7 +24,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distgpt import storage
-from distgpt.checkpoint.storage import ArrowReader, ArrowWriter, delete_dir, list_dir, with_retries
+from distgpt.checkpoint.storage import (
+    ArrowReader,
+    ArrowWriter,
+    delete_dir,
+    first_error,
+    list_dir,
+    redact_text,
+    with_retries,
+)
 from distgpt.storage import StorageError, redact
 
 MANIFEST = "manifest.json"
@@ -168,8 +176,9 @@ class CheckpointManager:
             return None
         try:
             p.future.result()
-        except Exception as e:  # a storage failure: the previous commit stays the latest
-            raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: {e}") from None
+        except BaseException as e:  # a storage failure: the previous commit stays the latest
+            raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
+                               f"{redact_text(first_error(e))}") from None
         self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng)
         return f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async)"
 

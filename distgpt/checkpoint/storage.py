@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import pyarrow.fs as pafs
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 
 from distgpt import storage
@@ -23,18 +24,35 @@ from distgpt.storage import StorageError, redact
 T = TypeVar("T")
 
 
+def first_error(e: BaseException) -> str:
+    """The root message of a storage failure; DCP's CheckpointException (a BaseException, the same on every rank)
+    wraps per-rank tracebacks whose last line is the cause."""
+    if isinstance(e, CheckpointException):
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else type(e).__name__
+    return f"{type(e).__name__}: {e}"
+
+
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
-    """Run ``fn``, retrying transient OSErrors with exponential backoff (0.5 s, 1 s, 2 s …)."""
+    """Run ``fn``, retrying transient storage failures with exponential backoff (0.5 s, 1 s, 2 s …). DCP failures
+    reach every rank alike, so all ranks retry together."""
     for i in range(attempts):
         try:
             return fn()
         except FileNotFoundError:
             raise
-        except OSError as e:
+        except (OSError, CheckpointException) as e:
             if i == attempts - 1:
-                raise StorageError(f"{what} failed after {attempts} attempts: {e}") from None
+                raise StorageError(f"{what} failed after {attempts} attempts: {redact_text(first_error(e))}") from None
             time.sleep(base_delay * 2**i)
     raise AssertionError("unreachable")
+
+
+def redact_text(text: str) -> str:
+    """Drop query strings (endpoint options, possibly credentials) from URIs inside a message."""
+    import re
+
+    return re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*", r"\1", text)
 
 
 class ArrowFileSystem(FileSystemBase):

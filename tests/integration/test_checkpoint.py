@@ -144,3 +144,74 @@ def test_export_ls_and_generate(bucket, tiny_data, tmp_path, capsys):
     assert "endpoint_override" not in json.dumps(manifest)  # URIs in the saved job are redacted
     assert main(["generate", "--checkpoint", str(tmp_path / "export"), "--prompt", "def", "--max-new-tokens", "5"]) == 0
     assert main(["checkpoint", "export", root, "--out", str(tmp_path / "x"), "--step", "77"]) == 2
+
+
+def _moto(port: int | None = None):
+    moto = pytest.importorskip("moto.server")
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, port
+
+
+def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_data, tmp_path, monkeypatch):
+    from distgpt.checkpoint import storage as ckstorage
+    from distgpt.storage import StorageError
+
+    server, port = _moto()
+    fs = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", access_key="test",
+                           secret_key="test-secret", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("flaky")
+    root = f"s3://flaky/run?endpoint_override=127.0.0.1:{port}&scheme=http"
+    over = (f"--checkpoint.uri={root}", "--checkpoint.interval=2", "--checkpoint.async_save=false")
+    run(tiny_data, tmp_path / "a", *over, "--train.max_steps=2").fit()
+    real = ckstorage.ArrowFileSystem.create_stream
+
+    def stop_during_step_4(self, path, mode):  # the server goes away as step 4's shard starts uploading
+        if "w" in mode and "step-00000004" in str(path) and "distcp" in str(path):
+            server.stop()
+        return real(self, path, mode)
+
+    monkeypatch.setattr(ckstorage.ArrowFileSystem, "create_stream", stop_during_step_4)
+    monkeypatch.setattr(ckstorage.time, "sleep", lambda s: None)  # skip the retry backoff
+    with pytest.raises(StorageError, match="failed after 4 attempts.*Could not connect") as err:
+        run(tiny_data, tmp_path / "b", *over, "--train.max_steps=4").fit()
+    assert "endpoint_override" not in str(err.value)
+    monkeypatch.setattr(ckstorage.ArrowFileSystem, "create_stream", real)
+    server, _ = _moto(port)  # the same server comes back (moto keeps its objects in this process)
+    try:
+        assert [c.step for c in CheckpointManager(root).committed()] == [2]
+        assert run(tiny_data, tmp_path / "c", *over).step == 2
+    finally:
+        server.stop()
+
+
+KILLER = """
+import os, signal, sys
+from distgpt.checkpoint import storage as s
+real = s.ArrowFileSystem.create_stream
+def killed(self, path, mode):
+    if "w" in mode and "step-00000004" in str(path) and "distcp" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)  # the writer dies in the middle of its save
+    return real(self, path, mode)
+s.ArrowFileSystem.create_stream = killed
+from distgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_writer_killed_mid_save_leaves_previous_checkpoint(bucket, tiny_data, tmp_path):
+    root = bucket[0].format("killed")
+    args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
+            "--train.progress=false", f"--checkpoint.uri={root}", "--checkpoint.interval=2",
+            "--train.max_steps=6", "--train.eval_interval=0"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=REPO, env={**os.environ, **bucket[1]},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    mgr = CheckpointManager(root)
+    assert [c.step for c in mgr.committed()] == [2]  # step 4 was started, never committed
+    t = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=2")
+    assert t.step == 2
