@@ -150,6 +150,13 @@ def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_bench_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Checkpoint throughput vs raw pyarrow, and async vs blocking stall."""
+    from distgpt.bench.checkpoint_bench import run
+
+    return run(args.job, overrides, args.uri, args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
     parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
@@ -222,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="worker ranks (default: CPU cores)")
     p.set_defaults(func=cmd_bench_hardware)
+    p = bench.add_parser("checkpoint", help="checkpoint save/load vs raw pyarrow I/O; async vs blocking stall")
+    p.add_argument("job", nargs="?", default="jobs/bench-checkpoint.toml")
+    p.add_argument("--uri", help="storage to use (default: a moto S3 server on 127.0.0.1)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench_checkpoint)
     p = bench.add_parser("planner", help="planning time for 1,024 and 16,384 devices of 4 types")
     p.set_defaults(func=cmd_bench_planner)
     p = bench.add_parser("plan-accuracy", help="run the planner's plans here; predicted vs measured")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distgpt import storage
@@ -110,6 +111,7 @@ class _Pending:
     tokenizer_json: str
     rng: list
     started: float
+    writer: ArrowWriter
 
 
 class CheckpointManager:
@@ -139,9 +141,14 @@ class CheckpointManager:
         t0 = time.perf_counter()
         model, optim = _state_target(engine)
         msd, osd = _state_dicts(model, optim)
-        with_retries(lambda: dcp.save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri)),
-                     f"saving {redact(uri)}")
-        self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()))
+        writer = ArrowWriter(uri)
+
+        def write():
+            writer.fs.written.clear()
+            dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
+
+        with_retries(write, f"saving {redact(uri)}")
+        self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()), writer.fs.written)
         return f"{redact(uri)} saved in {time.perf_counter() - t0:.2f}s (blocking)"
 
     def save_async(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> float:
@@ -154,10 +161,10 @@ class CheckpointManager:
         model, optim = _state_target(engine)
         msd, osd = _state_dicts(model, optim)
         uri = self.uri(step)
-        fut = dcp.async_save({"model": msd, "optim": osd}, storage_writer=ArrowWriter(uri),
-                             process_group=self._group)
+        writer = ArrowWriter(uri)
+        fut = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group)
         rng = _gather(torch.get_rng_state().tolist())
-        self.pending = _Pending(step, uri, fut, meta, tokenizer_json, rng, t0)
+        self.pending = _Pending(step, uri, fut, meta, tokenizer_json, rng, t0, writer)
         return time.perf_counter() - t0
 
     def poll(self) -> str | None:
@@ -179,16 +186,17 @@ class CheckpointManager:
         except BaseException as e:  # a storage failure: the previous commit stays the latest
             raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
                                f"{redact_text(first_error(e))}") from None
-        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng)
+        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, p.writer.fs.written)
         return f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async)"
 
-    def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list) -> None:
-        """Checksums from every rank, then the tokenizer and the manifest from rank 0: the commit."""
+    def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list,
+                written: dict[str, tuple[int, str]]) -> None:
+        """Checksums (hashed while writing) from every rank, then the tokenizer and the manifest from rank 0."""
         rank, _ = _dist()
-        mine = [info.base_name for info in list_dir(uri) if info.base_name.startswith(f"__{rank}_")]
-        files = _gather({name: _sha256(storage.join(uri, name)) for name in mine})
+        files = _gather({k: v for k, v in written.items() if k.startswith("__")})
         if rank == 0:
             merged = {k: v for part in files for k, v in part.items()}
+            # DCP writes .metadata.tmp and renames it: hash the small final file directly.
             merged[".metadata"] = _sha256(storage.join(uri, ".metadata"))
             if tokenizer_json:
                 storage.write_bytes(storage.join(uri, "tokenizer.json"), tokenizer_json.encode())
@@ -234,10 +242,11 @@ class CheckpointManager:
         if not done:
             raise CheckpointError(f"no committed checkpoint{f' at step {step}' if step is not None else ''} under "
                                   f"{redact(self.root)}")
+        model, optim = _state_target(engine)
         errors = []
         for c in reversed(done):
             try:
-                manifest = self._verified(c)
+                manifest, state = self._read(c, model, optim)
                 break
             except CheckpointError as e:
                 errors.append(str(e))
@@ -245,10 +254,6 @@ class CheckpointManager:
                     raise
         else:
             raise CheckpointError("no good checkpoint: " + "; ".join(errors))
-        model, optim = _state_target(engine)
-        msd, osd = _state_dicts(model, optim)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, storage_reader=ArrowReader(c.uri))
         osd = _rename(state["optim"], EMB, HEAD) if _head_alias(model) else state["optim"]
         set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=osd, options=OPTIONS)
         rank, world = _dist()
@@ -256,17 +261,23 @@ class CheckpointManager:
             torch.set_rng_state(torch.tensor(manifest["rng"][rank], dtype=torch.uint8))
         return manifest
 
-    def _verified(self, c: Committed) -> dict:
-        """Rank 0 verifies, then tells everyone (one reader instead of N)."""
-        rank, world = _dist()
-        result: list = [None]
-        if rank == 0:
-            try:
-                result = [self.verify(c)]
-            except CheckpointError as e:
-                result = [str(e)]
-        if world > 1:
-            dist.broadcast_object_list(result, src=0)
-        if isinstance(result[0], str):
-            raise CheckpointError(result[0])
-        return result[0]
+    def _read(self, c: Committed, model, optim) -> tuple[dict, dict]:
+        """(manifest, state read into this engine's layout). Every file a rank reads is checked against the
+        manifest's size and sha256 as it arrives; a missing or corrupt one raises CheckpointError on every rank."""
+        manifest = json.loads(storage.read_bytes(storage.join(c.uri, MANIFEST)))
+        expected = {k: (v["bytes"], v["sha256"]) for k, v in manifest["files"].items()}
+        if storage.exists(storage.join(c.uri, ".metadata")) and \
+                _sha256(storage.join(c.uri, ".metadata")) != expected.get(".metadata"):
+            raise CheckpointError(f"{redact(c.uri)}: file .metadata is corrupt (checksum mismatch)")
+        msd, osd = _state_dicts(model, optim)
+        state = {"model": msd, "optim": osd}
+        reader = ArrowReader(c.uri)
+        reader.fs.expected = expected
+        try:
+            dcp.load(state, storage_reader=reader)
+        except (CheckpointException, OSError) as e:
+            msg = first_error(e)
+            missing = "not exist" in msg or "NotFound" in msg or "No such file" in msg
+            raise CheckpointError(f"{redact(c.uri)}: {'a shard file is missing' if missing else redact_text(msg)}"
+                                  ) from None
+        return manifest, state

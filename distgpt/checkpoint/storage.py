@@ -7,6 +7,8 @@ Reads open random-access files, so each rank fetches only the byte ranges of the
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import posixpath
 import time
@@ -55,11 +57,35 @@ def redact_text(text: str) -> str:
     return re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*", r"\1", text)
 
 
+class _HashingStream:
+    """An output stream that hashes what passes through it, so checksums cost no second read."""
+
+    def __init__(self, inner, on_close: Callable[[int, str], None]):
+        self._inner, self._hash, self._size, self._on_close = inner, hashlib.sha256(), 0, on_close
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        self._size += len(memoryview(data).cast("B"))
+        return self._inner.write(data)
+
+    def finish(self) -> None:
+        self._on_close(self._size, self._hash.hexdigest())
+
+    def __getattr__(self, name):  # tell(), flush(), … go to the real stream
+        return getattr(self._inner, name)
+
+
 class ArrowFileSystem(FileSystemBase):
-    """DCP filesystem on a pyarrow filesystem; paths are pyarrow paths under the resolved URI."""
+    """DCP filesystem on a pyarrow filesystem; paths are pyarrow paths under the resolved URI.
+
+    Writes record (size, sha256) of every file in ``written``. Reads fetch each file once, check it against
+    ``expected`` (name → (size, sha256)) when given, and serve DCP's byte-range reads from memory.
+    """
 
     def __init__(self) -> None:
         self.fs: pafs.FileSystem | None = None
+        self.written: dict[str, tuple[int, str]] = {}
+        self.expected: dict[str, tuple[int, str]] = {}
 
     def init_path(self, path: str | os.PathLike, **kwargs) -> str:
         self.fs, resolved = storage.resolve(os.fspath(path))
@@ -69,12 +95,20 @@ class ArrowFileSystem(FileSystemBase):
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator:
         assert self.fs is not None
         p = os.fspath(path)
+        name = posixpath.basename(p)
         if "w" in mode:
             with self.fs.open_output_stream(p) as f:
-                yield f
-        else:
-            with self.fs.open_input_file(p) as f:  # random access: DCP seeks to each tensor's byte range
-                yield f
+                stream = _HashingStream(f, lambda size, digest: self.written.__setitem__(name, (size, digest)))
+                yield stream
+            stream.finish()
+            return
+        with self.fs.open_input_stream(p) as f:
+            data = f.read()
+        if name in self.expected:
+            size, digest = self.expected[name]
+            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+                raise OSError(f"{name} is corrupt (checksum mismatch)")
+        yield io.BytesIO(data)
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
         return posixpath.join(os.fspath(path), suffix)
