@@ -14,43 +14,16 @@ from distgpt.config_schema import ConfigError
 from distgpt.data.loader import DatasetError
 from distgpt.data.prepare import PrepareError
 from distgpt.data.sources import SourceError
+from distgpt.planner.inventory import InventoryError
 from distgpt.storage import StorageError
+from distgpt.train_cmd import cmd_train
 
-USER_ERRORS = (ConfigError, DatasetError, PrepareError, SourceError, StorageError, ModelDirError, CheckpointError)
+USER_ERRORS = (ConfigError, DatasetError, PrepareError, SourceError, StorageError, ModelDirError, CheckpointError,
+               InventoryError)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job file (TOML or YAML), e.g. jobs/demo.toml")
-
-
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Prepare data if needed, train, save the final model, print a sample."""
-    from distgpt.checkpoint.export import load_model_dir
-    from distgpt.config import load_job
-    from distgpt.model.generate import SamplingConfig, generate_text
-    from distgpt.planner.plan import Plan
-    from distgpt.trainer import Trainer, ensure_prepared
-
-    job = load_job(args.job, overrides)
-    plan = Plan.from_json(open(args.plan).read()) if args.plan else None
-    if int(os.environ.get("RANK", "0")) == 0:
-        ensure_prepared(job)
-    trainer = Trainer(job, plan=plan)  # under torchrun, joins the process group (other ranks wait for the data)
-    result = trainer.fit()
-    if not trainer.is_logger:
-        return 0
-    first, last = result.losses[0], result.losses[-1]
-    val = f", val loss {list(result.val_losses.values())[-1]:.4f}" if result.val_losses else ""
-    print(f"trained {result.steps} steps: loss {first:.4f} → {last:.4f}{val}; {result.tokens_per_s:,.0f} tokens/s")
-    s = job.sample
-    print(f"--- sample (prompt {s.prompt!r}) ---")
-    print(s.prompt, end="")
-    cfg = SamplingConfig(s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=job.run.seed)
-    model, tok, _ = load_model_dir(result.final_dir)
-    for piece in generate_text(model, tok, s.prompt, cfg):
-        print(piece, end="", flush=True)
-    print(f"\n--- generate more: distgpt generate --checkpoint {result.final_dir} --prompt '...' ---")
-    return 0
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -165,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a job (prepares its data first if needed)")
     _job_args(p)
     p.add_argument("--plan", help="a Plan as JSON (replaces the job's [plan] section)")
+    p.add_argument("--address", default="", help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded "
+                   "local cluster); ignored under torchrun or with --cluster.launcher=local")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved job configuration")
@@ -255,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"distgpt: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that failed on the cluster, or no plan fits it: say why, no traceback
+        if type(e).__name__ not in ("OrchestrationError", "NoPlanError"):
+            raise
+        print(f"distgpt: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distgpt: interrupted", file=sys.stderr)
         return 130

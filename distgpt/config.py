@@ -149,6 +149,30 @@ class CheckpointSection:
 
 
 @dataclass
+class ClusterSection:
+    """Where and how the job runs when launched on Ray (ignored under torchrun or with launcher='local')."""
+
+    launcher: Literal["auto", "ray", "local"] = "auto"
+    """'auto': plain processes under torchrun, else Ray; 'ray': always Ray; 'local': this one process."""
+    address: str = ""
+    """Ray cluster to join ('' → $RAY_ADDRESS, else an embedded local cluster on 127.0.0.1)."""
+    plan: Literal["job", "auto"] = "job"
+    """'job': the [plan] section as written; 'auto': the planner picks one for the cluster Ray reports."""
+    max_failures: int = 3
+    """Recoveries (restart or re-plan) allowed before the run fails."""
+    hang_timeout_s: float = 300.0
+    """Watchdog: a step that makes no progress for this long counts as a hang (a stuck collective)."""
+    start_timeout_s: float = 300.0
+    """How long to wait for resources (the autoscaler may be adding nodes) before saying what is missing."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per rank (on CPU clusters a rank is one CPU slot)."""
+    embedded_cpus: int = 0
+    """Logical CPUs of the embedded local cluster (0: this machine's core count)."""
+    inject: list[str] = field(default_factory=list)
+    """Fault injection for drills and tests: 'kill@STEP:RANK', 'hang@STEP:RANK', 'preempt@STEP:RANK'."""
+
+
+@dataclass
 class JobConfig:
     """A whole job file."""
 
@@ -160,6 +184,7 @@ class JobConfig:
     plan: Plan = field(default_factory=Plan)
     """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     @property
     def checkpoint_uri(self) -> str:
@@ -276,9 +301,11 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
     for key in data:
         if key not in known:
             problems.append(f"{key}: unknown section — sections are {', '.join(known)}")
+    if data.get("plan") == "auto":  # shorthand: plan = "auto" ≡ [cluster] plan = "auto"
+        data = {**data, "plan": {}, "cluster": {**data.get("cluster", {}), "plan": "auto"}}
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-             "sample": SampleSection, "plan": Plan, "checkpoint": CheckpointSection}
+             "sample": SampleSection, "plan": Plan, "checkpoint": CheckpointSection, "cluster": ClusterSection}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -329,6 +356,20 @@ def validate(job: JobConfig) -> list[str]:
     c = job.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
         p.append("checkpoint: need interval ≥ 0 (0: off), keep_last ≥ 1, keep_every ≥ 0")
+    p += _cluster_problems(job.cluster)
     if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
         p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
+    return p
+
+
+def _cluster_problems(c: ClusterSection) -> list[str]:
+    from distgpt.recovery.faults import FaultError, parse_faults
+
+    p = []
+    if c.max_failures < 0 or c.hang_timeout_s <= 0 or c.start_timeout_s <= 0 or c.cpus_per_worker <= 0:
+        p.append("cluster: need max_failures ≥ 0 and positive hang_timeout_s, start_timeout_s, cpus_per_worker")
+    try:
+        parse_faults(c.inject)
+    except FaultError as e:
+        p.append(f"cluster.inject: {e}")
     return p

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -19,7 +21,7 @@ from distgpt.checkpoint.export import save_model_dir
 from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.checkpoint.storage import preflight
 from distgpt.config import JobConfig, public_dict
-from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest
+from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest, sample_ids
 from distgpt.data.prepare import PrepareSpec, prepare
 from distgpt.metrics import MetricsSink, peak_flops, progress_bar
 from distgpt.model.gpt import GPT
@@ -45,6 +47,25 @@ class TrainResult:
     loop_time: float = 0.0
     """Wall time of the training loop (steps, logging, progress), evaluation excluded."""
     final_dir: str = ""
+
+
+class StepHooks(Protocol):
+    """What a driver (a Ray worker) may add to the loop: hooks run on every rank, between steps."""
+
+    def before_step(self, step: int) -> None:
+        """Called before step ``step + 1`` starts (fault injection lives here in tests)."""
+
+    def checkpoint_due(self, step: int) -> bool:
+        """True to save a checkpoint after ``step`` besides the interval (every rank must answer alike)."""
+        return False
+
+
+class Sink(Protocol):
+    """Where metric records go: ``metrics.jsonl`` by default, the Ray controller under Ray."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def ensure_prepared(job: JobConfig, progress=print) -> dict:
@@ -74,8 +95,11 @@ class Trainer:
     """Training of one job on this rank. With one process the Plan is trivial; under torchrun (or a Ray worker that
     has joined a process group) every rank runs the same Trainer and the engine shards the work as the Plan says."""
 
-    def __init__(self, job: JobConfig, log=print, plan: Plan | None = None):
+    def __init__(self, job: JobConfig, log=print, plan: Plan | None = None, sink: Sink | None = None,
+                 hooks: StepHooks | None = None):
         self.job = job
+        self.hooks = hooks
+        self._sink = sink
         t = job.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -160,11 +184,19 @@ class Trainer:
         """Commit a finished background save; start a new one at the interval."""
         done = self.checkpoints.poll()
         if done and self.is_logger:
-            bar.write(f"checkpoint {done}")
-        if self.step % self.job.checkpoint.interval == 0:
+            self._say(bar, f"checkpoint {done}")
+        requested = self.hooks is not None and self.hooks.checkpoint_due(self.step)
+        if self.step % self.job.checkpoint.interval == 0 or requested:
             where = self.save_checkpoint()
             if self.is_logger:
-                bar.write(f"step {self.step}: checkpoint {where}")
+                self._say(bar, f"step {self.step}: checkpoint {where}")
+
+    def _say(self, bar, line: str) -> None:
+        """A message between steps: above the progress bar here, or to ``log`` when a driver shows the progress."""
+        if self._sink is not None:
+            self.log(line)
+        else:
+            bar.write(line)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (a collective: all ranks must call it)."""
@@ -173,7 +205,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Run to train.max_steps; write metrics and the final model; return the losses."""
         job, t = self.job, self.job.train
-        sink = MetricsSink(job.out_dir, t.tensorboard) if self.is_logger else None
+        sink = (self._sink or MetricsSink(job.out_dir, t.tensorboard)) if self.is_logger else None
         peak, peak_src = peak_flops(self.device, t.peak_tflops) if self.is_logger else (0.0, "")
         peak *= self.mesh.plan.world_size  # MFU of the whole job: all devices' peaks
         n_params = param_count(self.gpt_cfg)
@@ -190,6 +222,8 @@ class Trainer:
         loop_start, eval_time = time.perf_counter(), 0.0
         try:
             while self.step < t.max_steps:
+                if self.hooks is not None:
+                    self.hooks.before_step(self.step)
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
                 pending.append(loss)
@@ -211,7 +245,7 @@ class Trainer:
                     result.val_losses[self.step] = val
                     if sink:
                         sink.write({"step": self.step, "kind": "val", "loss": val})
-                        bar.write(f"step {self.step}: val loss {val:.4f}")
+                        self._say(bar, f"step {self.step}: val loss {val:.4f}")
             if self.checkpoints is not None:
                 done = self.checkpoints.wait()  # the last save is committed before the run reports success
                 if done:
@@ -232,6 +266,14 @@ class Trainer:
         self.log(f"saved final model to {result.final_dir}")
         return result
 
+    def _sample_digest(self) -> list[int]:
+        """[first global sample position, crc32 of the global sample ids] of the last step's batch: lets a test
+        check that a run with failures consumed exactly the samples of an uninterrupted one."""
+        gb = self.job.train.global_batch_size
+        start = self.loader.consumed - gb
+        ids = sample_ids(len(self.train_set), self.loader.seed, start, gb)
+        return [start, zlib.crc32(ids.astype("int64").tobytes())]
+
     def _log_train(self, sink: MetricsSink, bar, result: TrainResult, norm: float, tokens: int, peak: float) -> None:
         t = self.job.train
         window = result.step_times[-t.log_interval :]
@@ -245,6 +287,7 @@ class Trainer:
             "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,
             "step_time_s": window[-1],
             "tokens_seen": self.step * tokens,
+            "samples": self._sample_digest(),
         }
         sink.write(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)

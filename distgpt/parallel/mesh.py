@@ -82,6 +82,21 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Without this, the group is torn down by interpreter-exit destructors, which may run while gloo's (or DeepSpeed's
+    shared-memory) background threads are still joinable — and abort the process ("terminate called without an
+    active exception") after training has succeeded. ``wait=False`` (after an error) skips the barrier, which the
+    failed ranks would never reach.
+    """
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def build_mesh(plan: Plan, device: torch.device | None = None) -> ParallelMesh:
     """The ParallelMesh of the calling rank (world size 1 needs no process group)."""
     device = device or device_for_rank()

@@ -207,7 +207,7 @@ def test_writer_killed_mid_save_leaves_previous_checkpoint(bucket, tiny_data, tm
     root = bucket[0].format("killed")
     args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
             "--train.progress=false", f"--checkpoint.uri={root}", "--checkpoint.interval=2",
-            "--train.max_steps=6", "--train.eval_interval=0"]
+            "--train.max_steps=6", "--train.eval_interval=0", "--cluster.launcher=local"]
     proc = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=REPO, env={**os.environ, **bucket[1]},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -1,0 +1,78 @@
+"""The controller inside a Ray actor: wires the state machine to real worker groups, the planner and storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distgpt.checkpoint.manager import CheckpointManager
+from distgpt.config import JobConfig
+from distgpt.orchestrator.controller import Controller, StartError
+from distgpt.orchestrator.inventory import ray_nodes
+from distgpt.orchestrator.placement import PlacementTimeout
+from distgpt.orchestrator.planning import plan_for
+from distgpt.orchestrator.worker_group import WorkerGroup
+from distgpt.planner.plan import Plan
+from distgpt.recovery.faults import parse_faults
+from distgpt.recovery.policy import FailurePolicy
+from distgpt.recovery.watchdog import Watchdog
+
+
+class ControllerActor:
+    """Runs one job's Controller; the driver calls ``run`` once and ``events`` repeatedly (a threaded actor)."""
+
+    def __init__(self, job: JobConfig, plan: Plan, name: str):
+        c = job.cluster
+        self.job, self.name, self.attempt = job, name, 0
+        self.placements: list[dict] = []
+        self.ctrl = Controller(
+            make_group=self._make_group,
+            replan=lambda excluded: plan_for(job, ray_nodes(c.cpus_per_worker, excluded)),
+            plan=plan,
+            policy=FailurePolicy(c.max_failures),
+            watchdog=Watchdog(c.hang_timeout_s, c.start_timeout_s + c.hang_timeout_s),
+            faults=parse_faults(c.inject),
+            committed_step=self._committed_step,
+        )
+
+    def _make_group(self, plan: Plan) -> WorkerGroup:
+        self.attempt += 1
+        nodes = ray_nodes(self.job.cluster.cpus_per_worker, self.ctrl.excluded)
+        try:
+            group = WorkerGroup.create(self.job, plan, nodes, f"{self.name}-a{self.attempt}", self.ctrl.excluded)
+        except PlacementTimeout as e:
+            raise StartError(str(e)) from None
+        where = {}
+        for rank, node in sorted(group.nodes.items()):
+            where.setdefault(node[:12], []).append(rank)
+        self.placements.append({"attempt": self.attempt, "plan": plan.to_json(), "nodes": dict(group.nodes)})
+        self.ctrl.emit("placement", attempt=self.attempt, plan=plan.describe(), nodes=group.nodes,
+                       summary="; ".join(f"node {n}: ranks {r}" for n, r in where.items()))
+        return group
+
+    def _committed_step(self) -> int:
+        done = CheckpointManager(self.job.checkpoint_uri).committed()
+        return done[-1].step if done else -1
+
+    def run(self) -> dict[str, Any]:
+        """Drive the run to its end; return the outcome (state, error, result, recoveries)."""
+        try:
+            self.ctrl.run()
+        except Exception as e:  # a controller bug must still end the run visibly, with the workers gone
+            self.ctrl.error = f"controller error: {type(e).__name__}: {e}"
+            if self.ctrl.group is not None:
+                self.ctrl.group.shutdown()
+            return self.summary() | {"state": "failed"}
+        return self.summary()
+
+    def events(self, since: int) -> list[dict]:
+        """Events from index ``since`` on."""
+        return self.ctrl.events[since:]
+
+    def summary(self) -> dict[str, Any]:
+        c = self.ctrl
+        return {"state": c.state.value, "error": c.error, "result": c.result,
+                "plan": c.plan.to_json() if c.plan else None, "placements": self.placements,
+                "recoveries": [{"cause": r.failure.kind.value, "detail": r.failure.detail, "step": r.failure.step,
+                                "decision": r.decision.value, "plan_after": r.plan_after,
+                                "recovery_s": (r.resumed_at - r.detected_at) if r.resumed_at else None}
+                               for r in c.recoveries]}

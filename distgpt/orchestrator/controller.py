@@ -1,0 +1,213 @@
+"""The controller: an explicit state machine that drives one run's worker groups. No training logic, no Ray calls.
+
+    PLANNING → SCHEDULING → RUNNING → FINISHED
+                  ▲            │ failure (actor death, node loss, hang, preemption, start failure)
+                  └─ RECOVERING ┘ → policy: RESTART (same Plan) | REPLAN (planner on what is left) | RAISE → FAILED
+
+Everything with side effects comes in from outside — a worker-group factory, a planner, a clock — so tests step it one
+iteration at a time with fakes (``tests/unit/test_controller.py``); ``actor.py`` runs it inside a Ray actor.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from distgpt.planner.plan import Plan
+from distgpt.recovery.faults import Fault
+from distgpt.recovery.policy import Decision, Failure, FailureKind, FailurePolicy
+from distgpt.recovery.watchdog import Watchdog
+
+
+class State(str, enum.Enum):
+    PLANNING = "planning"
+    SCHEDULING = "scheduling"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Group(Protocol):
+    """What the controller needs of a worker group (``WorkerGroup`` or a test fake)."""
+
+    plan: Plan
+    nodes: dict[int, str]
+
+    def poll(self) -> Any: ...
+
+    def kill(self, rank: int) -> None: ...
+
+    def inject_hang(self, rank: int, at_step: int, seconds: float) -> None: ...
+
+    def checkpoint_at(self, step: int) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class StartError(RuntimeError):
+    """Resources never came (placement timeout): not retried — the message says what is missing."""
+
+
+@dataclass
+class Recovery:
+    """One handled failure, as logged and reported."""
+
+    failure: Failure
+    decision: Decision
+    detected_at: float
+    plan_after: str = ""
+    resumed_at: float | None = None
+    """When the new group completed its first step (recovery time = resumed_at - detected_at)."""
+
+
+@dataclass
+class Controller:
+    """Drives a run to FINISHED or FAILED. Call ``step()`` repeatedly (``run()`` does, with a sleep between)."""
+
+    make_group: Callable[[Plan], Group]
+    replan: Callable[[frozenset[str]], Plan]
+    """Planner on the cluster without the given node ids (lost or preempted)."""
+    plan: Plan | None = None
+    policy: FailurePolicy = field(default_factory=FailurePolicy)
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(300.0, 900.0))
+    faults: list[Fault] = field(default_factory=list)
+    committed_step: Callable[[], int] = lambda: -1
+    """Latest committed checkpoint step (a preemption waits for its checkpoint before letting the node go)."""
+    clock: Callable[[], float] = time.monotonic
+    state: State = State.PLANNING
+    group: Group | None = None
+    events: list[dict] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    result: dict | None = None
+    error: str = ""
+    excluded: frozenset[str] = frozenset()
+    _failure: Failure | None = None
+    _preempt: tuple[int, int, str] | None = None  # (checkpoint step, rank, node) of a pending preemption
+
+    def emit(self, kind: str, **data: Any) -> None:
+        """Append an event for the driver (records, logs, state changes, recoveries)."""
+        self.events.append({"kind": kind, "time": time.time(), **data})
+
+    def _to(self, state: State, why: str = "") -> None:
+        self.state = state
+        self.emit("state", state=state.value, detail=why)
+
+    def step(self) -> State:
+        """One iteration of the state machine."""
+        handler = {State.PLANNING: self._plan, State.SCHEDULING: self._schedule, State.RUNNING: self._run,
+                   State.RECOVERING: self._recover}.get(self.state)
+        if handler is not None:
+            handler()
+        return self.state
+
+    def run(self, interval_s: float = 0.2) -> State:
+        """Step until FINISHED or FAILED."""
+        while self.step() not in (State.FINISHED, State.FAILED):
+            time.sleep(interval_s)
+        return self.state
+
+    def _plan(self) -> None:
+        if self.plan is None:
+            self.plan = self.replan(self.excluded)
+        self._to(State.SCHEDULING, self.plan.describe())
+
+    def _schedule(self) -> None:
+        assert self.plan is not None
+        try:
+            self.group = self.make_group(self.plan)
+        except StartError as e:
+            self.error = str(e)
+            self._to(State.FAILED, self.error)
+            return
+        except Exception as e:  # an actor that did not come up: a failure like any other
+            self._fail(Failure(FailureKind.START_FAILED, f"{type(e).__name__}: {e}"))
+            return
+        self.watchdog.reset()
+        self._to(State.RUNNING, f"{self.plan.world_size} workers on {len(set(self.group.nodes.values()))} nodes")
+
+    def _run(self) -> None:
+        assert self.group is not None
+        st = self.group.poll()
+        for r in st.records:
+            self.emit("record", record=r)
+        for line in st.logs:
+            self.emit("log", line=line)
+        self.watchdog.observe(st.step)
+        if st.step is not None and self.recoveries and self.recoveries[-1].resumed_at is None \
+                and self.watchdog.started:
+            rec = self.recoveries[-1]
+            rec.resumed_at = self.clock()
+            self.emit("resumed", step=st.step, seconds=rec.resumed_at - rec.detected_at)
+        if st.failure is not None:
+            self._fail(st.failure)
+        elif st.done:
+            self.result = st.result
+            self._to(State.FINISHED, f"{st.step} steps")
+        elif (waited := self.watchdog.expired()) is not None:
+            self._fail(Failure(FailureKind.HANG, f"no step completed for {waited:.0f} s (watchdog)", st.step or 0))
+        elif st.step is not None:
+            self._inject(st.step)
+            self._check_preemption()
+
+    def _inject(self, step: int) -> None:
+        """Fire the injected faults that are due (each once per run)."""
+        assert self.group is not None
+        while self.faults and self.faults[0].step <= step:
+            f = self.faults.pop(0)
+            self.emit("log", line=f"injecting fault: {f.kind} on rank {f.rank} at step {step}")
+            if f.kind == "kill":
+                self.group.kill(f.rank)
+            elif f.kind == "hang":
+                self.group.inject_hang(f.rank, step, 3600.0)
+            elif f.kind == "preempt":
+                self.preempt(f.rank, step)
+
+    def preempt(self, rank: int, step: int) -> None:
+        """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the
+        node go and re-plan without it."""
+        assert self.group is not None
+        self._preempt = (step + 2, rank, self.group.nodes.get(rank, ""))
+        self.group.checkpoint_at(step + 2)
+
+    def _check_preemption(self) -> None:
+        if self._preempt and self.committed_step() >= self._preempt[0]:
+            at, rank, node = self._preempt
+            self._preempt = None
+            self._fail(Failure(FailureKind.PREEMPTED, f"rank {rank}: node {node[:12]} preempted (checkpointed at "
+                                                      f"step {at})", at, (rank,), (node,) if node else ()))
+
+    def _fail(self, failure: Failure) -> None:
+        self._failure = failure
+        self.recoveries.append(Recovery(failure, Decision.RAISE, self.clock()))
+        self._to(State.RECOVERING, f"{failure.kind.value}: {failure.detail}")
+
+    def _recover(self) -> None:
+        assert self._failure is not None
+        failure, rec = self._failure, self.recoveries[-1]
+        if self.group is not None:
+            self.group.shutdown()  # every rank, also the healthy ones stuck in a collective
+            self.group = None
+        rec.decision = self.policy.decide(failure)
+        if rec.decision == Decision.RAISE:
+            self.error = f"{failure.kind.value}: {failure.detail}"
+            if failure.kind != FailureKind.TRAINING_ERROR:
+                self.error += f" (gave up after {self.policy.max_failures} recoveries: cluster.max_failures)"
+            self._to(State.FAILED, self.error)
+            return
+        if rec.decision == Decision.REPLAN:
+            self.excluded |= frozenset(failure.lost_nodes)
+            try:
+                self.plan = self.replan(self.excluded)
+            except Exception as e:  # nothing fits on what is left
+                self.error = f"{failure.kind.value}, and no plan fits the remaining cluster: {e}"
+                self._to(State.FAILED, self.error)
+                return
+        assert self.plan is not None
+        rec.plan_after = self.plan.describe()
+        self.emit("recovery", cause=failure.kind.value, detail=failure.detail, step=failure.step,
+                  decision=rec.decision.value, plan=rec.plan_after, attempt=len(self.policy.seen))
+        self._to(State.SCHEDULING, rec.decision.value)

@@ -1,0 +1,125 @@
+"""``distgpt train`` on Ray: connect (or start a loopback cluster), plan, start the controller, stream its events.
+
+The driver shows progress and writes ``metrics.jsonl`` / TensorBoard from the records rank 0 streams. Restarting the
+driver with the same job resumes from the latest committed checkpoint (the trainer's ``checkpoint.resume = "auto"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from distgpt.config import JobConfig
+from distgpt.metrics import MetricsSink, progress_bar
+from distgpt.orchestrator.actor import ControllerActor
+from distgpt.orchestrator.inventory import ray_nodes, to_inventory
+from distgpt.orchestrator.planning import plan_for
+from distgpt.planner.plan import Plan
+
+
+class OrchestrationError(RuntimeError):
+    """The run failed on the cluster; the message gives the cause and what was tried."""
+
+
+def connect(address: str, embedded_cpus: int = 0) -> str:
+    """Join ``address`` (or $RAY_ADDRESS); without one, start a local cluster bound to 127.0.0.1. Returns a label."""
+    if ray.is_initialized():
+        return "connected"
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"Ray cluster at {address}"
+    # Embedded default: this machine only. Without this variable, workers advertise the external address to gloo.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cpus = embedded_cpus or os.cpu_count() or 1
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus)
+    return f"embedded local Ray cluster ({cpus} CPUs, 127.0.0.1)"
+
+
+def _absolute(job: JobConfig) -> JobConfig:
+    """Local paths made absolute: workers do not share the driver's working directory."""
+    def fix(p: str) -> str:
+        return p if not p or "://" in p else os.path.abspath(p)
+
+    run = dataclasses.replace(job.run, out_dir=fix(job.out_dir))
+    data = dataclasses.replace(job.data, prepared=fix(job.prepared_dir))
+    ckpt = dataclasses.replace(job.checkpoint, uri=fix(job.checkpoint_uri))
+    train = dataclasses.replace(job.train, progress=False)  # the driver draws the bar
+    return dataclasses.replace(job, run=run, data=data, checkpoint=ckpt, train=train)
+
+
+def choose_plan(job: JobConfig, plan: Plan | None, log=print) -> Plan:
+    """The Plan to start with: --plan, the planner's ('auto'), or the job's [plan]."""
+    nodes = ray_nodes(job.cluster.cpus_per_worker)
+    log(f"cluster: {to_inventory(nodes).summary()} on {len(nodes)} nodes")
+    if plan is None and job.cluster.plan == "auto":
+        plan = plan_for(job, nodes)
+        log(f"planner chose: {plan.describe()}")
+    return plan or job.plan.with_micro_batch(job.train.micro_batch_size)
+
+
+def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> dict[str, Any]:
+    """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
+    log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
+    job = _absolute(job)
+    plan = choose_plan(job, plan, log)
+    if not job.checkpoint.interval:
+        log("note: checkpoint.interval is 0 — a failure restarts training from step 0")
+    name = f"distgpt-{job.run.name}-{os.getpid()}-{int(time.time())}"
+    here = ray.get_runtime_context().get_node_id()  # the controller lives and dies with the driver's node
+    actor = ray.remote(ControllerActor).options(
+        num_cpus=0, max_concurrency=4, name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(job, plan, name)
+    done = actor.run.remote()
+    summary = _stream(actor, done, job, log)
+    if summary["state"] != "finished":
+        raise OrchestrationError(f"run {job.run.name} failed: {summary['error']}")
+    return summary
+
+
+def _stream(actor, done, job: JobConfig, log) -> dict[str, Any]:
+    """Follow the controller's events until ``done``: records → metrics files and the bar, the rest → log lines."""
+    sink = MetricsSink(job.out_dir, job.train.tensorboard)
+    bar = progress_bar(job.train.max_steps, 0, True)
+    seen, finished = 0, False
+    try:
+        while not finished:
+            finished = bool(ray.wait([done], timeout=0.5)[0])
+            events = ray.get(actor.events.remote(seen))
+            seen += len(events)
+            for e in events:
+                _show(e, sink, bar)
+        return ray.get(done)
+    finally:
+        bar.close()
+        sink.close()
+
+
+def _show(e: dict, sink: MetricsSink, bar) -> None:
+    kind = e["kind"]
+    if kind == "record":
+        rec = e["record"]
+        sink.write({k: v for k, v in rec.items() if k != "time"})
+        if rec.get("kind") is None and "loss" in rec:
+            bar.n = rec["step"]
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}", refresh=False)
+            bar.refresh()
+    elif kind == "log":
+        bar.write(e["line"])
+    elif kind == "state":
+        bar.write(f"[controller] {e['state']}{': ' + e['detail'] if e['detail'] else ''}")
+    elif kind == "placement":
+        bar.write(f"[placement] attempt {e['attempt']}: {e['plan']} — {e['summary']}")
+    elif kind == "recovery":
+        bar.write(f"[recovery] {e['cause']} at step {e['step']} ({e['detail'].splitlines()[0]}) → {e['decision']}; "
+                  f"plan {e['plan']}")
+        sink.write({"step": e["step"], "kind": "recovery", **{k: e[k] for k in ("cause", "decision", "plan")}})
+    elif kind == "resumed":
+        bar.write(f"[recovery] resumed: step {e['step']} completed {e['seconds']:.1f} s after the failure")
+        sink.write({"step": e["step"], "kind": "resumed", "recovery_s": e["seconds"]})
+

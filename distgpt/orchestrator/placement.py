@@ -1,0 +1,100 @@
+"""Plan → placement groups. One group per tensor-parallel group (its ranks talk every layer, so STRICT_PACK keeps them
+on one node); each group's bundles carry the label selector of the device type the Plan gave its stage or replica.
+
+Ranks follow the Plan's rank order: the group of (stage pp, replica dp) holds ranks ``rank_of(dp, tp=0..tp-1, pp)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from distgpt.orchestrator.inventory import RayNode, selectors
+from distgpt.planner.plan import Plan
+
+
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+class PlacementTimeout(RuntimeError):
+    """The cluster could not host the Plan within the start timeout; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One placement group: the ranks it hosts (bundle i ↔ ranks[i]), their device type and bundle shape."""
+
+    ranks: tuple[int, ...]
+    device: str | None
+    bundle: dict[str, float]
+    selector: dict[str, str]
+
+
+def group_specs(plan: Plan, nodes: list[RayNode], cpus_per_worker: float,
+                exclude: frozenset[str] = frozenset()) -> list[GroupSpec]:
+    """The placement groups that host ``plan`` on a cluster made of ``nodes``, avoiding the ``exclude`` node ids
+    (preempted or drained ones) — pure: no Ray calls."""
+    sel = selectors(nodes)
+    kinds = sorted(sel)
+    gpus = {n.device for n in nodes if n.gpus}
+    specs = []
+    for pp in range(plan.pp):
+        for dp in range(plan.dp):
+            device = _device_of(plan, pp, dp, kinds)
+            key, value = sel.get(device, ("", "")) if device else ("", "")
+            bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if device in gpus else {})}
+            ranks = tuple(plan.rank_of(dp=dp, tp=t, pp=pp) for t in range(plan.tp))
+            selector = {key: value} if key else {}
+            if exclude:
+                selector[NODE_ID_LABEL] = f"!in({','.join(sorted(exclude))})"
+            specs.append(GroupSpec(ranks, device, bundle, selector))
+    return specs
+
+
+def _device_of(plan: Plan, pp: int, dp: int, kinds: list[str]) -> str | None:
+    """The device type the Plan gives (stage pp, replica dp); the only one when the cluster has one type."""
+    if plan.stage_devices:
+        return plan.stage_devices[pp]
+    if plan.replica_devices:
+        return plan.replica_devices[dp]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def reserve(specs: list[GroupSpec], nodes: list[RayNode], timeout_s: float, name: str) -> list[PlacementGroup]:
+    """Create every placement group and wait for all (the autoscaler may add nodes meanwhile). On timeout, remove them
+    and raise PlacementTimeout naming what is missing against what the cluster has."""
+    pgs = [placement_group([dict(s.bundle) for _ in s.ranks], strategy="STRICT_PACK", name=f"{name}-g{i}",
+                           bundle_label_selector=[dict(s.selector) for _ in s.ranks] if s.selector else None)
+           for i, s in enumerate(specs)]
+    start = time.monotonic()
+    pending = [pg.ready() for pg in pgs]
+    while pending and time.monotonic() - start < timeout_s:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(5.0, timeout_s))
+    if pending:
+        for pg in pgs:
+            remove_placement_group(pg)
+        raise PlacementTimeout(_missing(specs, nodes, timeout_s))
+    return pgs
+
+
+def _missing(specs: list[GroupSpec], nodes: list[RayNode], timeout_s: float) -> str:
+    need = Counter()
+    for s in specs:
+        need[s.device or "any"] += len(s.ranks)
+    have = Counter()
+    for n in nodes:
+        have[n.device] += n.slots
+    biggest = max(len(s.ranks) for s in specs)
+    lines = [f"the cluster could not host the plan within {timeout_s:.0f} s (cluster.start_timeout_s):"]
+    for dev, n in sorted(need.items()):
+        avail = sum(have.values()) if dev == "any" else have.get(dev, 0)
+        lines.append(f"  - {dev}: the plan needs {n} slots, the cluster has {avail}")
+    lines.append(f"  - each tensor-parallel group needs {biggest} slots on one node; largest node has "
+                 f"{max((n.slots for n in nodes), default=0)}")
+    lines.append("  fix: add nodes (or let the autoscaler finish), free resources held by other jobs, or lower "
+                 "plan.dp/tp/pp — `cluster.plan = \"auto\"` fits the plan to what is there")
+    return "\n".join(lines)

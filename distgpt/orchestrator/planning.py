@@ -1,0 +1,33 @@
+"""Plans for a Ray cluster: the job's own Plan, or the planner's best one on the nodes Ray reports."""
+
+from __future__ import annotations
+
+from distgpt.config import JobConfig
+from distgpt.orchestrator.inventory import RayNode, to_inventory
+from distgpt.planner.cost import Workload
+from distgpt.planner.explain import nothing_fits
+from distgpt.planner.plan import Plan
+from distgpt.planner.search import search
+
+
+class NoPlanError(RuntimeError):
+    """No plan fits the cluster; the message is the planner's explanation."""
+
+
+def resumable(plan: Plan) -> bool:
+    """Plans whose checkpoints can be loaded into another Plan (DeepSpeed and interleaved pipelines cannot yet)."""
+    return plan.dp_engine != "deepspeed" and plan.virtual_stages == 1
+
+
+def plan_for(job: JobConfig, nodes: list[RayNode]) -> Plan:
+    """The planner's best resumable Plan for ``job`` on ``nodes`` (raises NoPlanError when nothing fits)."""
+    inv = to_inventory(nodes)
+    vocab = job.model.vocab_size or (257 if job.data.tokenizer == "byte" else job.data.vocab_size)
+    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len,
+                 "bf16" if job.train.dtype == "bf16" else "fp32")
+    res = search(w, inv, top=50)
+    for cand in res.ranked:
+        if resumable(cand.plan):
+            return cand.plan
+    raise NoPlanError(nothing_fits(res, inv, w) if not res.ranked else
+                      f"only non-resumable plans fit {inv.summary()} (DeepSpeed / interleaved pipelines)")

@@ -1,0 +1,116 @@
+"""One rank of a run: a Ray actor that joins the process group and runs the ordinary ``Trainer`` in a thread.
+
+Training runs on a background thread so the actor keeps answering ``poll`` (heartbeat, metrics, errors) while a step is
+in progress — that is how the controller tells a slow step from a hung collective. Only rank 0 emits metric records.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from distgpt.config import JobConfig
+from distgpt.planner.plan import Plan
+
+
+class _QueueSink:
+    """Metric records go to the controller (via ``poll``) instead of a local file."""
+
+    def __init__(self, out: deque):
+        self.out = out
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.out.append({"time": time.time(), **record})
+
+    def close(self) -> None:
+        pass
+
+
+class TrainWorker:
+    """The actor body (decorated with ``ray.remote`` by the worker group)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.records: deque = deque()
+        self.logs: deque = deque()
+        self.trainer = None
+        self.state = "created"
+        self.error: str | None = None
+        self.result: dict | None = None
+        self._hang_at: tuple[int, float] | None = None
+        self._checkpoint_at = -1
+
+    def address(self) -> tuple[str, str, int]:
+        """(node id, node ip, a free port on it) — rank 0's becomes the rendezvous address."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return ray.get_runtime_context().get_node_id(), ip, port
+
+    def start(self, job: JobConfig, plan: Plan, master: tuple[str, int], threads: int) -> None:
+        """Set the torch.distributed environment and start training on a background thread."""
+        os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
+                           "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0"})
+        if master[0].startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if "CUDA_VISIBLE_DEVICES" not in os.environ else "cuda")
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.state = "starting"
+        threading.Thread(target=self._run, args=(job, plan), daemon=True, name="distgpt-train").start()
+
+    def _run(self, job: JobConfig, plan: Plan) -> None:
+        from distgpt.parallel.mesh import shutdown_distributed
+        from distgpt.trainer import Trainer
+
+        try:
+            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=_QueueSink(self.records), hooks=self)
+            self.state = "running"
+            res = self.trainer.fit()
+            shutdown_distributed()
+            self.result = {"steps": res.steps, "tokens_per_s": res.tokens_per_s, "final_dir": res.final_dir,
+                           "loop_time": res.loop_time, "step_times": res.step_times}
+            self.state = "done"
+        except BaseException as e:  # reported to the controller, which decides what to do
+            self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+            self.state = "error"
+
+    def poll(self) -> dict[str, Any]:
+        """Heartbeat: current step (None before the trainer exists), new records and log lines, state, error."""
+        records, logs = [], []
+        while self.records:
+            records.append(self.records.popleft())
+        while self.logs:
+            logs.append(self.logs.popleft())
+        step = self.trainer.step if self.trainer is not None else None
+        return {"rank": self.rank, "step": step, "state": self.state, "records": records, "logs": logs,
+                "error": self.error, "result": self.result}
+
+    # --- hooks called by the Trainer on the training thread -------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        """Fault injection: a hang holds this rank before a step, so its peers block in the next collective."""
+        if self._hang_at and step >= self._hang_at[0]:
+            seconds, self._hang_at = self._hang_at[1], None
+            time.sleep(seconds)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Every rank is told the same step, so all of them join the collective save at once."""
+        return step == self._checkpoint_at
+
+    # --- controller requests --------------------------------------------------------------------------------------
+    def inject_hang(self, at_step: int, seconds: float) -> None:
+        """Sleep ``seconds`` before step ``at_step + 1`` (drills and tests of the watchdog)."""
+        self._hang_at = (at_step, seconds)
+
+    def checkpoint_at(self, step: int) -> None:
+        """Save a checkpoint after ``step`` (preemption notice: save now, then the node goes)."""
+        self._checkpoint_at = step

@@ -1,0 +1,130 @@
+"""The workers of one attempt: placement groups reserved from the Plan, one TrainWorker actor per rank, polled.
+
+``WorkerGroup.create`` reserves, starts the actors and the process group, then returns; the controller polls it. Every
+way a rank can be lost becomes a ``Failure``: an actor that died, a node that went away, an exception in training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distgpt.config import JobConfig
+from distgpt.orchestrator.inventory import RayNode
+from distgpt.orchestrator.placement import group_specs, reserve
+from distgpt.orchestrator.worker import TrainWorker
+from distgpt.planner.plan import Plan
+from distgpt.recovery.policy import Failure, FailureKind
+
+POLL_TIMEOUT_S = 30.0
+
+
+@dataclass
+class GroupStatus:
+    """One poll of every rank."""
+
+    steps: dict[int, int | None] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    done: bool = False
+    result: dict | None = None
+    failure: Failure | None = None
+
+    @property
+    def step(self) -> int | None:
+        """The highest step any rank has reached (None before any trainer exists)."""
+        known = [s for s in self.steps.values() if s is not None]
+        return max(known) if known else None
+
+
+class WorkerGroup:
+    """The actors of one attempt at running ``plan``."""
+
+    def __init__(self, plan: Plan, actors: list, pgs: list, nodes: dict[int, str]):
+        self.plan, self.actors, self.pgs, self.nodes = plan, actors, pgs, nodes
+        self.last_step: int | None = None
+
+    @classmethod
+    def create(cls, job: JobConfig, plan: Plan, nodes: list[RayNode], name: str,
+               exclude: frozenset[str] = frozenset()) -> WorkerGroup:
+        """Reserve placement, start one actor per rank (ranks in the Plan's order) and begin training."""
+        c = job.cluster
+        specs = group_specs(plan, nodes, c.cpus_per_worker, exclude)
+        pgs = reserve(specs, nodes, c.start_timeout_s, name)
+        actors: list = [None] * plan.world_size
+        remote = ray.remote(TrainWorker)
+        for spec, pg in zip(specs, pgs, strict=True):
+            for i, rank in enumerate(spec.ranks):
+                actors[rank] = remote.options(
+                    num_cpus=c.cpus_per_worker, num_gpus=spec.bundle.get("GPU", 0), max_concurrency=4,
+                    name=f"{name}-rank{rank}", scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
+                ).remote(rank, plan.world_size)
+        try:
+            where = ray.get([a.address.remote() for a in actors], timeout=c.start_timeout_s)
+        except (RayActorError, GetTimeoutError) as e:
+            cls(plan, actors, pgs, {}).shutdown()
+            raise RuntimeError(f"worker actors did not start: {e}") from e
+        master = (where[0][1], where[0][2])
+        threads = max(1, int(c.cpus_per_worker))
+        ray.get([a.start.remote(job, plan, master, threads) for a in actors])
+        return cls(plan, actors, pgs, {rank: w[0] for rank, w in enumerate(where)})
+
+    def poll(self) -> GroupStatus:
+        """Poll every rank at once; translate deaths, lost nodes and training errors into a Failure."""
+        st = GroupStatus()
+        refs = [a.poll.remote() for a in self.actors]
+        dead: list[int] = []
+        states = []
+        for rank, ref in enumerate(refs):
+            try:
+                r = ray.get(ref, timeout=POLL_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):
+                dead.append(rank)
+                continue
+            st.steps[rank] = r["step"]
+            states.append(r["state"])
+            st.records += r["records"]
+            st.logs += r["logs"]
+            if r["state"] == "error" and st.failure is None:
+                st.failure = Failure(FailureKind.TRAINING_ERROR, f"rank {rank}: {r['error']}", r["step"] or 0,
+                                     (rank,))
+            if rank == 0:
+                st.result = r["result"]
+        if st.step is not None:
+            self.last_step = st.step
+        if dead:
+            st.failure = self._death(dead)
+        st.done = not dead and all(s == "done" for s in states)
+        return st
+
+    def _death(self, dead: list[int]) -> Failure:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = tuple(sorted({self.nodes[r] for r in dead if self.nodes.get(r) not in alive}))
+        kind = FailureKind.NODE_LOST if lost else FailureKind.WORKER_DIED
+        what = f"node {', '.join(n[:12] for n in lost)} lost" if lost else "actor died"
+        return Failure(kind, f"rank {', '.join(map(str, dead))}: {what}", self.last_step or 0, tuple(dead), lost)
+
+    def kill(self, rank: int) -> None:
+        """Kill one rank's actor (fault injection; the next poll reports it)."""
+        ray.kill(self.actors[rank], no_restart=True)
+
+    def inject_hang(self, rank: int, at_step: int, seconds: float) -> None:
+        ray.get(self.actors[rank].inject_hang.remote(at_step, seconds))
+
+    def checkpoint_at(self, step: int) -> None:
+        """Ask every rank to save after ``step``."""
+        ray.get([a.checkpoint_at.remote(step) for a in self.actors], timeout=POLL_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        """Kill every actor (ranks stuck in a collective cannot be asked nicely) and free the placement groups."""
+        for a in self.actors:
+            if a is not None:
+                ray.kill(a, no_restart=True)
+        for pg in self.pgs:
+            remove_placement_group(pg)
+        time.sleep(0.5)  # let the raylets reclaim the bundles before the next attempt reserves them
