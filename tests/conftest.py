@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Ray reads this when it is first imported: with it, every Ray process of the test session resolves its own address
+# to 127.0.0.1 instead of the machine's external one (all traffic stays on loopback).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 import pytest
 
 from distgpt.config import JobConfig, load_job

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distgpt.planner.plan import Plan
-from distgpt.recovery.faults import Fault
+from distgpt.recovery.faults import WORKER_FAULTS, Fault
 from distgpt.recovery.policy import Decision, Failure, FailureKind, FailurePolicy
 from distgpt.recovery.watchdog import Watchdog
 
@@ -39,9 +39,7 @@ class Group(Protocol):
 
     def poll(self) -> Any: ...
 
-    def kill(self, rank: int) -> None: ...
-
-    def inject_hang(self, rank: int, at_step: int, seconds: float) -> None: ...
+    def arm(self, faults: list[Fault]) -> None: ...
 
     def checkpoint_at(self, step: int) -> None: ...
 
@@ -127,6 +125,9 @@ class Controller:
             self._fail(Failure(FailureKind.START_FAILED, f"{type(e).__name__}: {e}"))
             return
         self.watchdog.reset()
+        armed = [f for f in self.faults if f.kind in WORKER_FAULTS]
+        if armed:
+            self.group.arm(armed)
         self._to(State.RUNNING, f"{self.plan.world_size} workers on {len(set(self.group.nodes.values()))} nodes")
 
     def _run(self) -> None:
@@ -146,25 +147,20 @@ class Controller:
             self._fail(st.failure)
         elif st.done:
             self.result = st.result
+            self.group.shutdown()  # free the slots for whatever runs next
+            self.group = None
             self._to(State.FINISHED, f"{st.step} steps")
         elif (waited := self.watchdog.expired()) is not None:
             self._fail(Failure(FailureKind.HANG, f"no step completed for {waited:.0f} s (watchdog)", st.step or 0))
-        elif st.step is not None:
-            self._inject(st.step)
+        else:
             self._check_preemption()
 
-    def _inject(self, step: int) -> None:
-        """Fire the injected faults that are due (each once per run)."""
-        assert self.group is not None
-        while self.faults and self.faults[0].step <= step:
-            f = self.faults.pop(0)
-            self.emit("log", line=f"injecting fault: {f.kind} on rank {f.rank} at step {step}")
-            if f.kind == "kill":
-                self.group.kill(f.rank)
-            elif f.kind == "hang":
-                self.group.inject_hang(f.rank, step, 3600.0)
-            elif f.kind == "preempt":
-                self.preempt(f.rank, step)
+    def _consume_fault(self, failure: Failure) -> None:
+        """An armed kill or hang fired (one per attempt: the group dies with it): do not arm it again."""
+        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang"}.get(failure.kind)
+        fired = next((f for f in self.faults if f.kind == kind), None)
+        if fired is not None:
+            self.faults.remove(fired)
 
     def preempt(self, rank: int, step: int) -> None:
         """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the
@@ -174,13 +170,22 @@ class Controller:
         self.group.checkpoint_at(step + 2)
 
     def _check_preemption(self) -> None:
+        """Once the checkpoint a preemption asked for is committed, the node may go: fail over without it."""
+        assert self.group is not None
+        drill = next((f for f in self.faults if f.kind == "preempt"), None)
+        if self._preempt is None and drill is not None:
+            self._preempt = (drill.step, drill.rank, self.group.nodes.get(drill.rank, ""))
         if self._preempt and self.committed_step() >= self._preempt[0]:
+            if drill is not None:
+                self.faults.remove(drill)
             at, rank, node = self._preempt
             self._preempt = None
             self._fail(Failure(FailureKind.PREEMPTED, f"rank {rank}: node {node[:12]} preempted (checkpointed at "
                                                       f"step {at})", at, (rank,), (node,) if node else ()))
 
     def _fail(self, failure: Failure) -> None:
+        self._consume_fault(failure)
+        self._preempt = None
         self._failure = failure
         self.recoveries.append(Recovery(failure, Decision.RAISE, self.clock()))
         self._to(State.RECOVERING, f"{failure.kind.value}: {failure.detail}")

@@ -76,7 +76,10 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
         num_cpus=0, max_concurrency=4, name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
     ).remote(job, plan, name)
     done = actor.run.remote()
-    summary = _stream(actor, done, job, log)
+    try:
+        summary = _stream(actor, done, job, log)
+    finally:
+        ray.kill(actor)  # workers and placement groups are gone already; the controller goes too
     if summary["state"] != "finished":
         raise OrchestrationError(f"run {job.run.name} failed: {summary['error']}")
     return summary

@@ -16,7 +16,6 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from distgpt.orchestrator.inventory import RayNode, selectors
 from distgpt.planner.plan import Plan
 
-
 NODE_ID_LABEL = "ray.io/node-id"
 
 

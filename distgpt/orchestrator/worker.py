@@ -7,6 +7,7 @@ in progress — that is how the controller tells a slow step from a hung collect
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -42,7 +43,7 @@ class TrainWorker:
         self.state = "created"
         self.error: str | None = None
         self.result: dict | None = None
-        self._hang_at: tuple[int, float] | None = None
+        self._faults: list = []
         self._checkpoint_at = -1
 
     def address(self) -> tuple[str, str, int]:
@@ -97,20 +98,31 @@ class TrainWorker:
 
     # --- hooks called by the Trainer on the training thread -------------------------------------------------------
     def before_step(self, step: int) -> None:
-        """Fault injection: a hang holds this rank before a step, so its peers block in the next collective."""
-        if self._hang_at and step >= self._hang_at[0]:
-            seconds, self._hang_at = self._hang_at[1], None
-            time.sleep(seconds)
+        """Fault injection at an exact step: 'kill' ends this process with SIGKILL (a real crash, no clean-up);
+        'hang' holds this rank, so its peers block in the next collective until the watchdog fires."""
+        while self._draining(step):
+            time.sleep(0.5)  # preemption: the checkpoint is saved; wait to be stopped (the node is about to go)
+        for f in self._faults:
+            if f.step == step and f.rank == self.rank and f.kind != "preempt":
+                self.logs.append(f"injected fault: {f.kind} on rank {self.rank} before step {step + 1}")
+                time.sleep(0.3)  # let the controller's next poll carry the line out
+                if f.kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600.0)
 
     def checkpoint_due(self, step: int) -> bool:
         """Every rank is told the same step, so all of them join the collective save at once."""
-        return step == self._checkpoint_at
+        return step == self._checkpoint_at or any(f.kind == "preempt" and f.step == step for f in self._faults)
+
+    def _draining(self, step: int) -> bool:
+        notices = [self._checkpoint_at] + [f.step for f in self._faults if f.kind == "preempt"]
+        return any(0 <= at < step for at in notices)
 
     # --- controller requests --------------------------------------------------------------------------------------
-    def inject_hang(self, at_step: int, seconds: float) -> None:
-        """Sleep ``seconds`` before step ``at_step + 1`` (drills and tests of the watchdog)."""
-        self._hang_at = (at_step, seconds)
+    def arm(self, faults: list) -> None:
+        """Faults (``distgpt.recovery.faults.Fault``) this rank fires at their step (drills and tests)."""
+        self._faults = list(faults)
 
     def checkpoint_at(self, step: int) -> None:
-        """Save a checkpoint after ``step`` (preemption notice: save now, then the node goes)."""
+        """Preemption notice: save a checkpoint after ``step``, then train no further (the node is going away)."""
         self._checkpoint_at = step

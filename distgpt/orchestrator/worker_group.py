@@ -109,12 +109,10 @@ class WorkerGroup:
         what = f"node {', '.join(n[:12] for n in lost)} lost" if lost else "actor died"
         return Failure(kind, f"rank {', '.join(map(str, dead))}: {what}", self.last_step or 0, tuple(dead), lost)
 
-    def kill(self, rank: int) -> None:
-        """Kill one rank's actor (fault injection; the next poll reports it)."""
-        ray.kill(self.actors[rank], no_restart=True)
-
-    def inject_hang(self, rank: int, at_step: int, seconds: float) -> None:
-        ray.get(self.actors[rank].inject_hang.remote(at_step, seconds))
+    def arm(self, faults: list) -> None:
+        """Give each rank the injected faults it must fire itself."""
+        ray.get([a.arm.remote([f for f in faults if f.rank == r or f.kind == "preempt"])
+                 for r, a in enumerate(self.actors)])
 
     def checkpoint_at(self, step: int) -> None:
         """Ask every rank to save after ``step``."""

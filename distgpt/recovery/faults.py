@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("kill", "hang", "preempt")
+WORKER_FAULTS = KINDS
+"""All are fired by the ranks themselves at their exact step: 'kill' and 'hang' by RANK; 'preempt' by every rank
+(a preemption notice for RANK's node: all save a checkpoint after STEP, then drain until the controller stops them)."""
 
 
 class FaultError(ValueError):

@@ -34,11 +34,8 @@ class FakeGroup:
     def poll(self) -> GroupStatus:
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
-    def kill(self, rank: int) -> None:
-        self.calls.append(("kill", rank))
-
-    def inject_hang(self, rank: int, at_step: int, seconds: float) -> None:
-        self.calls.append(("hang", rank, at_step))
+    def arm(self, faults) -> None:
+        self.calls.append(("arm", [(f.kind, f.step) for f in faults]))
 
     def checkpoint_at(self, step: int) -> None:
         self.calls.append(("checkpoint_at", step))
@@ -145,26 +142,35 @@ def test_start_error_fails_at_once_with_the_message():
     assert ctrl.step() == State.FAILED and "needs 8 slots" in ctrl.error
 
 
-def test_injected_faults_fire_once_at_their_step():
-    ctrl, groups, _ = make([[status(0), status(2), status(4), status(5)]],
-                           faults=parse_faults(["kill@4:1", "hang@2:0"]))
+def test_injected_faults_are_armed_until_they_fire():
+    died = status(4, failure=Failure(FailureKind.WORKER_DIED, "rank 1: actor died", 4, (1,)))
+    ctrl, groups, _ = make([[died], [status(9, done=True)]], faults=parse_faults(["kill@4:1", "hang@7:0"]))
     for _ in range(6):
         ctrl.step()
-    assert groups[0].calls == [("hang", 0, 2), ("kill", 1)]
+    assert groups[0].calls[0] == ("arm", [("kill", 4), ("hang", 7)])
+    assert groups[1].calls[0] == ("arm", [("hang", 7)])  # the kill fired once; it is not armed again
 
 
-def test_preemption_checkpoints_then_replans_once_committed():
+def test_preemption_drill_waits_for_its_checkpoint_then_replans_without_the_node():
     committed = {"step": -1}
     ctrl, groups, replans = make([[status(3), status(4), status(5)], [status(5, done=True)]],
                                  faults=parse_faults(["preempt@3:1"]), committed_step=lambda: committed["step"])
     for _ in range(4):
         ctrl.step()
-    assert ("checkpoint_at", 5) in groups[0].calls and ctrl.state == State.RUNNING
-    committed["step"] = 5
+    assert groups[0].calls[0] == ("arm", [("preempt", 3)]) and ctrl.state == State.RUNNING
+    committed["step"] = 3
     ctrl.step()
     assert ctrl.state == State.RECOVERING and ctrl.recoveries[0].failure.kind == FailureKind.PREEMPTED
     ctrl.step()
-    assert replans == [frozenset({"node-b"})]
+    assert replans == [frozenset({"node-b"})] and ctrl.faults == []
+
+
+def test_preemption_notice_asks_for_a_checkpoint_ahead():
+    ctrl, groups, _ = make([[status(3)]])
+    for _ in range(3):
+        ctrl.step()
+    ctrl.preempt(rank=0, step=3)
+    assert ("checkpoint_at", 5) in groups[0].calls
 
 
 @pytest.mark.parametrize("spec", ["kill", "kill@x", "boom@3", "kill@0", "kill@3:-1"])

@@ -1,0 +1,45 @@
+"""One simulated multi-node Ray cluster for the whole test session (Ray start-up costs ~10 s here).
+
+Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and node_ip_address=127.0.0.1, a short private RAY_TMPDIR (unix
+socket paths must stay under 108 bytes, and a bare ``ray.init`` must not find another cluster). Shut down by
+``cluster.shutdown()`` — never ``ray stop``, which would kill every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+NODES = {
+    "a100": {"num_cpus": 2, "labels": {"distgpt.io/device": "A100-40GB", "distgpt.io/site": "onprem"}},
+    "l4": {"num_cpus": 2, "labels": {"distgpt.io/device": "L4", "distgpt.io/site": "cloud", "distgpt.io/price": "0.8"}},
+}
+
+
+class SimCluster:
+    """A head without slots plus the NODES above; tests may add and remove nodes."""
+
+    def __init__(self):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        self.tmp = tempfile.mkdtemp(prefix="dgray", dir="/tmp")
+        os.makedirs(os.path.join(self.tmp, "ray"), exist_ok=True)
+        os.environ["RAY_TMPDIR"] = self.tmp
+        os.environ.pop("RAY_ADDRESS", None)
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": self.tmp})
+        self.nodes = {name: self.add(**spec) for name, spec in NODES.items()}
+        ray.init(address=self.cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+
+    def add(self, num_cpus: int, labels: dict[str, str]):
+        return self.cluster.add_node(num_cpus=num_cpus, labels=labels, node_ip_address="127.0.0.1")
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
