@@ -123,6 +123,13 @@ def cmd_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_bench_ray(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Orchestrator: time to first step vs Ray Train, tokens/s vs torchrun, recovery time."""
+    from distgpt.bench.ray_bench import run
+
+    return run(args.job, overrides, args.world, args.steps)
+
+
 def cmd_bench_checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     """Checkpoint throughput vs raw pyarrow, and async vs blocking stall."""
     from distgpt.bench.checkpoint_bench import run
@@ -193,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_bench_trainer)
+    p = bench.add_parser("ray", help="orchestrator: first-step time vs Ray Train, tokens/s vs torchrun, recovery")
+    p.add_argument("job", nargs="?", default="jobs/tiny.toml")
+    p.add_argument("--world", type=int, default=2, help="ranks (default 2)")
+    p.add_argument("--steps", type=int, default=40)
+    p.set_defaults(func=cmd_bench_ray)
     p = bench.add_parser("parallel", help="tokens/s and memory per rank of each strategy vs plain torchrun DDP")
     p.add_argument("job", nargs="?", default="jobs/bench-parallel.toml")
     p.add_argument("--steps", type=int, default=10)
