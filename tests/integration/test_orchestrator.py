@@ -7,6 +7,7 @@ placement groups, torch.distributed across the actors, checkpoints, recovery.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from distgpt.cli import main
 from distgpt.orchestrator.driver import OrchestrationError, run_on_ray
 
-from ..conftest import tiny_job
+from ..conftest import REPO, tiny_job
 
 pytestmark = pytest.mark.timeout(600)
 BASE = ["--train.log_interval=1", "--train.eval_interval=0", "--train.eval_batches=1", "--model.dropout=0.0",
@@ -79,7 +81,11 @@ def test_node_loss_replans_onto_the_remaining_nodes(ray_cluster, tiny_data, tmp_
     assert s["recoveries"][0]["decision"] == "replan"
     used = {n for p in s["placements"][1:] for n in p["nodes"].values()}
     assert t4.node_id not in used and used <= {n.node_id for n in ray_cluster.nodes.values()}
-    assert s["result"]["steps"] == 14 and sorted(records(tmp_path)) == list(range(1, 15))
+    recs = records(tmp_path)
+    assert s["result"]["steps"] == 14 and sorted(recs) == list(range(1, 15))
+    # the new Plan continued from the same sample: global batch positions run on without a gap or repeat
+    assert [recs[i]["samples"][0] for i in range(1, 15)] == [8 * i for i in range(14)]
+    assert s["placements"][-1]["plan"] != s["placements"][0]["plan"]
 
 
 def test_preemption_checkpoints_then_replans_without_the_node(ray_cluster, tiny_data, tmp_path):
@@ -103,10 +109,24 @@ def test_a_hang_is_caught_by_the_watchdog(ray_cluster, tiny_data, tmp_path):
     assert s["result"]["steps"] == 8
 
 
-def test_not_enough_resources_says_what_is_missing_within_the_timeout(ray_cluster, tiny_data, tmp_path):
+def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data, tmp_path, capsys):
+    args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
+            *BASE, "--train.max_steps=2", "--plan.dp=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps on Ray" in out and "--- sample" in out
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_not_enough_resources_says_what_is_missing_within_the_timeout(ray_cluster, tiny_data, tmp_path, capsys):
     t0 = time.monotonic()
-    with pytest.raises(OrchestrationError, match=r"needs 8 slots, the cluster has \d+") as e:
-        train(tiny_data, tmp_path, "--plan.dp=8", "--train.global_batch_size=8", "--train.micro_batch_size=1",
-              "--cluster.start_timeout_s=3")
+    args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
+            *BASE, "--plan.dp=8", "--train.global_batch_size=8", "--train.micro_batch_size=1",
+            "--cluster.start_timeout_s=3"]
+    assert main(args) == 1
     assert time.monotonic() - t0 < 30
-    assert "fix:" in str(e.value)
+    err = capsys.readouterr().err
+    assert re.search(r"needs 8 slots, the cluster has \d+", err) and "fix:" in err
+    with pytest.raises(OrchestrationError):  # the same through the API
+        train(tiny_data, tmp_path, "--plan.dp=8", "--train.global_batch_size=8", "--train.micro_batch_size=1",
+              "--cluster.start_timeout_s=1")
