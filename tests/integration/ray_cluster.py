@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
 NODES = {
@@ -29,10 +30,18 @@ class SimCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        # The dashboard hosts the Ray Jobs server (``ray job submit``); bound to loopback like everything else.
+        self.dashboard_port = _free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": self.tmp})
+            "num_cpus": 0, "node_ip_address": "127.0.0.1", "temp_dir": self.tmp, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
         self.nodes = {name: self.add(**spec) for name, spec in NODES.items()}
         ray.init(address=self.cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+
+    @property
+    def jobs_address(self) -> str:
+        """Where ``ray job submit --address`` / ``JobSubmissionClient`` reach this cluster."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def add(self, num_cpus: int, labels: dict[str, str]):
         return self.cluster.add_node(num_cpus=num_cpus, labels=labels, node_ip_address="127.0.0.1")
@@ -43,3 +52,9 @@ class SimCluster:
         ray.shutdown()
         self.cluster.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,75 @@
+"""The ways a user starts a run on a Ray cluster: ``ray job submit -- distgpt train …``, and a driver that dies and is
+started again with the same job (it resumes from the latest committed checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ..conftest import REPO
+from .test_orchestrator import BASE, records, train
+
+pytestmark = pytest.mark.timeout(600)
+TINY = str(REPO / "jobs" / "tiny.toml")
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_ray_job_submit_runs_distgpt_train(ray_cluster, tiny_data, tmp_path):
+    ray_cli = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_cli), "job", "submit", "--address", ray_cluster.jobs_address, "--",
+           sys.executable, "-m", "distgpt", "train", TINY, f"--data.prepared={tiny_data}",
+           f"--run.out_dir={tmp_path}", *BASE, "--train.max_steps=3", "--plan.dp=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(), cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # inside the job, distgpt joined the job's cluster (RAY_ADDRESS) instead of starting its own
+    assert "ray: Ray cluster at 127.0.0.1:" in p.stdout, p.stdout[-3000:]
+    assert "trained 3 steps on Ray" in p.stdout and "succeeded" in p.stdout
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def _driver(tiny_data: str, out: Path, address: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "distgpt", "train", TINY, f"--data.prepared={tiny_data}", f"--run.out_dir={out}",
+           f"--address={address}", *BASE, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and step in records(out):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never logged; driver exit code {proc.poll()}")
+
+
+def test_a_restarted_driver_resumes_and_finishes_bitwise_equal(ray_cluster, tiny_data, tmp_path):
+    common = ["--train.max_steps=10", "--plan.dp=2", "--checkpoint.interval=2"]
+    ref = train(tiny_data, tmp_path / "ref", *common)
+    out = tmp_path / "restarted"
+    # rank 0 stalls before step 7 (a long hang, no watchdog), so the driver is killed at a known point of the run
+    first = _driver(tiny_data, out, ray_cluster.cluster.address, *common,
+                    "--cluster.hang_timeout_s=3600", "--cluster.inject=['hang@6:0']")
+    _wait_for_step(out, 6, first)
+    first.kill()  # the driver's death takes its controller, workers and placement groups with it
+    first.wait()
+    second = _driver(tiny_data, out, ray_cluster.cluster.address, *common)
+    log, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, log[-3000:]
+    assert "resumed from step 6" in log or "resumed from step 4" in log, log[-3000:]
+    assert "trained 10 steps on Ray" in log
+    a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    ra, rb = records(tmp_path / "ref"), records(out)
+    assert sorted(rb) == list(range(1, 11)) and [ra[s]["samples"] for s in ra] == [rb[s]["samples"] for s in ra]
+    assert ref["recoveries"] == []
