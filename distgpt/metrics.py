@@ -71,6 +71,15 @@ class MetricsSink:
             self._tb.close()
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank so far: allocated device memory on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # POSIX; ru_maxrss is in KiB on Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     """A tqdm bar; on a non-terminal it refreshes rarely so CI logs stay short."""
     from tqdm import tqdm

@@ -23,7 +23,7 @@ from distgpt.checkpoint.storage import preflight
 from distgpt.config import JobConfig, public_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, read_manifest, sample_ids
 from distgpt.data.prepare import PrepareSpec, prepare
-from distgpt.metrics import MetricsSink, peak_flops, progress_bar
+from distgpt.metrics import MetricsSink, peak_flops, peak_memory_gb, progress_bar
 from distgpt.model.gpt import GPT
 from distgpt.model.presets import mfu, param_count
 from distgpt.optim import lr_at
@@ -286,6 +286,7 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,
             "step_time_s": window[-1],
+            "mem_gb": round(peak_memory_gb(self.device), 3),
             "tokens_seen": self.step * tokens,
             "samples": self._sample_digest(),
         }

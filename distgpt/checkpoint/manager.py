@@ -8,7 +8,8 @@ Layout under the checkpoint root (any pyarrow URI)::
 
 A checkpoint exists only once its manifest exists. Loading goes through DCP against the *current* engine's state
 dicts, so DTensor (FSDP2, TP) and pipeline-stage layouts are resharded on the fly and each rank reads only what it
-needs. Status: synchronous saves; DeepSpeed engines and interleaved pipelines are not covered yet.
+needs. DeepSpeed ZeRO engines are saved in the same layout (``ds_state.py``), so they reshard too. Interleaved
+pipelines (several stages per rank) are not covered yet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distgpt import storage
+from distgpt.checkpoint import ds_state
 from distgpt.checkpoint.storage import (
     ArrowReader,
     ArrowWriter,
@@ -64,13 +66,17 @@ def _gather(obj):
     return out
 
 
-def _state_target(engine):
-    """(module whose FQNs are the whole model's, optimizer) for DCP's state-dict helpers."""
+def _is_deepspeed(engine) -> bool:
     from distgpt.parallel.dp import DeepSpeedEngine
 
-    if isinstance(engine, DeepSpeedEngine) or len(engine.modules) != 1:
-        raise CheckpointError("sharded checkpoints of DeepSpeed engines and interleaved pipelines are not "
-                              "supported yet — use dp_engine 'ddp' or 'fsdp' and virtual_stages=1")
+    return isinstance(engine, DeepSpeedEngine)
+
+
+def _state_target(engine):
+    """(module whose FQNs are the whole model's, optimizer) for DCP's state-dict helpers."""
+    if len(engine.modules) != 1:
+        raise CheckpointError("sharded checkpoints of interleaved pipelines are not supported yet — use "
+                              "plan.virtual_stages=1")
     return engine.modules[0], engine.optimizer
 
 
@@ -89,10 +95,23 @@ def _rename(osd: dict, old: str, new: str) -> dict:
     return {k.replace(old, new): v for k, v in osd.items()}
 
 
-def _state_dicts(model, optim) -> tuple[dict, dict]:
+def _state_dicts(engine) -> tuple[dict, dict]:
     """(model, optimizer) state dicts in the checkpoint's canonical naming."""
+    if _is_deepspeed(engine):
+        return ds_state.state_dicts(engine)
+    model, optim = _state_target(engine)
     msd, osd = get_state_dict(model, optim, options=OPTIONS)
     return msd, (_rename(osd, HEAD, EMB) if _head_alias(model) else osd)
+
+
+def _set_state_dicts(engine, msd: dict, osd: dict) -> None:
+    """Load canonical state (read into ``_state_dicts``' templates) into ``engine``."""
+    if _is_deepspeed(engine):
+        ds_state.load_state_dicts(engine, msd, osd)
+        return
+    model, optim = _state_target(engine)
+    osd = _rename(osd, EMB, HEAD) if _head_alias(model) else osd
+    set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=OPTIONS)
 
 
 def _sha256(uri: str) -> tuple[int, str]:
@@ -139,8 +158,7 @@ class CheckpointManager:
         self.wait()
         uri = self.uri(step)
         t0 = time.perf_counter()
-        model, optim = _state_target(engine)
-        msd, osd = _state_dicts(model, optim)
+        msd, osd = _state_dicts(engine)
         writer = ArrowWriter(uri)
 
         def write():
@@ -158,8 +176,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         if dist.is_initialized() and self._group is None:
             self._group = dist.new_group(backend="gloo")
-        model, optim = _state_target(engine)
-        msd, osd = _state_dicts(model, optim)
+        msd, osd = _state_dicts(engine)
         uri = self.uri(step)
         writer = ArrowWriter(uri)
         fut = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group)
@@ -242,11 +259,10 @@ class CheckpointManager:
         if not done:
             raise CheckpointError(f"no committed checkpoint{f' at step {step}' if step is not None else ''} under "
                                   f"{redact(self.root)}")
-        model, optim = _state_target(engine)
         errors = []
         for c in reversed(done):
             try:
-                manifest, state = self._read(c, model, optim)
+                manifest, state = self._read(c, engine)
                 break
             except CheckpointError as e:
                 errors.append(str(e))
@@ -254,14 +270,13 @@ class CheckpointManager:
                     raise
         else:
             raise CheckpointError("no good checkpoint: " + "; ".join(errors))
-        osd = _rename(state["optim"], EMB, HEAD) if _head_alias(model) else state["optim"]
-        set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=osd, options=OPTIONS)
+        _set_state_dicts(engine, state["model"], state["optim"])
         rank, world = _dist()
         if len(manifest["rng"]) == world:  # same world: every rank continues its own random stream
             torch.set_rng_state(torch.tensor(manifest["rng"][rank], dtype=torch.uint8))
         return manifest
 
-    def _read(self, c: Committed, model, optim) -> tuple[dict, dict]:
+    def _read(self, c: Committed, engine) -> tuple[dict, dict]:
         """(manifest, state read into this engine's layout). Every file a rank reads is checked against the
         manifest's size and sha256 as it arrives; a missing or corrupt one raises CheckpointError on every rank."""
         manifest = json.loads(storage.read_bytes(storage.join(c.uri, MANIFEST)))
@@ -269,7 +284,7 @@ class CheckpointManager:
         if storage.exists(storage.join(c.uri, ".metadata")) and \
                 _sha256(storage.join(c.uri, ".metadata")) != expected.get(".metadata"):
             raise CheckpointError(f"{redact(c.uri)}: file .metadata is corrupt (checksum mismatch)")
-        msd, osd = _state_dicts(model, optim)
+        msd, osd = _state_dicts(engine)
         state = {"model": msd, "optim": osd}
         reader = ArrowReader(c.uri)
         reader.fs.expected = expected

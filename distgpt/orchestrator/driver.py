@@ -110,7 +110,8 @@ def _show(e: dict, sink: MetricsSink, bar) -> None:
         sink.write({k: v for k, v in rec.items() if k != "time"})
         if rec.get("kind") is None and "loss" in rec:
             bar.n = rec["step"]
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}",
+                            mem=f"{rec.get('mem_gb', 0):.2f}G", refresh=False)
             bar.refresh()
     elif kind == "log":
         bar.write(e["line"])

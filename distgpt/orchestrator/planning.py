@@ -15,8 +15,8 @@ class NoPlanError(RuntimeError):
 
 
 def resumable(plan: Plan) -> bool:
-    """Plans whose checkpoints can be loaded into another Plan (DeepSpeed and interleaved pipelines cannot yet)."""
-    return plan.dp_engine != "deepspeed" and plan.virtual_stages == 1
+    """Plans whose checkpoints can be loaded into another Plan (interleaved pipelines cannot yet)."""
+    return plan.virtual_stages == 1
 
 
 def plan_for(job: JobConfig, nodes: list[RayNode]) -> Plan:
@@ -30,4 +30,4 @@ def plan_for(job: JobConfig, nodes: list[RayNode]) -> Plan:
         if resumable(cand.plan):
             return cand.plan
     raise NoPlanError(nothing_fits(res, inv, w) if not res.ranked else
-                      f"only non-resumable plans fit {inv.summary()} (DeepSpeed / interleaved pipelines)")
+                      f"only non-resumable plans fit {inv.summary()} (interleaved pipelines)")

@@ -116,6 +116,9 @@ def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data,
     out = capsys.readouterr().out
     assert "trained 2 steps on Ray" in out and "--- sample" in out
     assert (tmp_path / "final" / "model.safetensors").exists()
+    # the controller streamed rank 0's metrics to the driver, which wrote them
+    recs = records(tmp_path)
+    assert sorted(recs) == [1, 2] and all(r["tokens_per_s"] > 0 and r["mem_gb"] > 0.01 for r in recs.values())
 
 
 def test_not_enough_resources_says_what_is_missing_within_the_timeout(ray_cluster, tiny_data, tmp_path, capsys):
