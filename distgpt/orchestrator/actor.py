@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.config import JobConfig
 from distgpt.orchestrator.controller import Controller, StartError
 from distgpt.orchestrator.inventory import ray_nodes
@@ -50,6 +49,10 @@ class ControllerActor:
         return group
 
     def _committed_step(self) -> int:
+        # Imported here: it pulls in torch (~2 s), which the controller otherwise never needs — and the controller
+        # starts before any worker, so its imports are on the path to the first step.
+        from distgpt.checkpoint.manager import CheckpointManager
+
         done = CheckpointManager(self.job.checkpoint_uri).committed()
         return done[-1].step if done else -1
 
