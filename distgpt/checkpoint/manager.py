@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distgpt import storage
@@ -126,6 +127,8 @@ class _Pending:
     step: int
     uri: str
     future: object
+    staged: object
+    """Done once the state is copied to host memory; parameters must not change before that."""
     meta: dict
     tokenizer_json: str
     rng: list
@@ -140,6 +143,9 @@ class CheckpointManager:
         self.root, self.keep_last, self.keep_every = root, keep_last, keep_every
         self.pending: _Pending | None = None
         self._group = None  # background writes talk over their own group, never the training one
+        self._hooked: set[int] = set()
+        self.staging_wait_s = 0.0
+        """Seconds training waited for a snapshot still being copied (part of the stall an async save causes)."""
 
     def uri(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -171,18 +177,44 @@ class CheckpointManager:
 
     def save_async(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> float:
         """Collective: snapshot the state to host memory and write it in the background (at most one save in
-        flight: a previous one is finished and committed first). Returns the seconds training was stalled."""
+        flight: a previous one is finished and committed first). Returns the seconds training was stalled here.
+
+        The snapshot itself is copied on a background thread while the next forward and backward run; the
+        optimizer's next step waits for it (``wait_staged``, hooked before every optimizer step), since that is the
+        first moment the parameters change."""
         self.wait()
         t0 = time.perf_counter()
         if dist.is_initialized() and self._group is None:
             self._group = dist.new_group(backend="gloo")
+        self._hook(engine)
         msd, osd = _state_dicts(engine)
         uri = self.uri(step)
         writer = ArrowWriter(uri)
-        fut = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group)
+        gpu = torch.cuda.is_available()
+        stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=True,
+                                              use_non_blocking_copy=gpu))
+        resp = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group,
+                              async_stager=stager)
         rng = _gather(torch.get_rng_state().tolist())
-        self.pending = _Pending(step, uri, fut, meta, tokenizer_json, rng, t0, writer)
+        self.pending = _Pending(step, uri, resp.upload_completion, resp.staging_completion, meta, tokenizer_json,
+                                rng, t0, writer)
         return time.perf_counter() - t0
+
+    def wait_staged(self) -> None:
+        """Block until the in-flight save's snapshot is in host memory (no-op when there is none)."""
+        p = self.pending
+        if p is not None and not p.staged.done():
+            t0 = time.perf_counter()
+            p.staged.result()
+            self.staging_wait_s += time.perf_counter() - t0
+
+    def _hook(self, engine) -> None:
+        """Make every optimizer step of ``engine`` wait for the snapshot first (registered once per optimizer)."""
+        opt = engine.optimizer
+        opt = opt.optimizer if _is_deepspeed(engine) else opt  # DeepSpeed steps a torch optimizer inside ZeRO's
+        if id(opt) not in self._hooked:
+            opt.register_step_pre_hook(lambda *_: self.wait_staged())
+            self._hooked.add(id(opt))
 
     def poll(self) -> str | None:
         """Commit the in-flight save if every rank has finished writing (collective when one is pending)."""

@@ -68,6 +68,11 @@ class _HashingStream:
         self._size += len(memoryview(data).cast("B"))
         return self._inner.write(data)
 
+    def flush(self) -> None:
+        """Deliberately nothing: DCP flushes after every tensor, and a pyarrow S3 stream's flush waits for all of its
+        in-flight part uploads — which would serialise uploading with serialising. Closing the stream (at the end of
+        the file) completes the upload; only a complete file is ever visible."""
+
     def finish(self) -> None:
         self._on_close(self._size, self._hash.hexdigest())
 
