@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Ray reads this when it is first imported: with it, every Ray process of the test session resolves its own address
@@ -40,3 +43,31 @@ def tiny_job(tiny_data: str, out_dir: str, *overrides: str) -> JobConfig:
 def _single_thread_default(monkeypatch):
     """Tests run on 2 cores, often side by side: keep torch to the threads it is given."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[tuple[int, object]]:
+    """(port, pyarrow S3FileSystem) of a real S3-protocol server (moto) bound to 127.0.0.1, with ``bucket`` created
+    and the standard AWS credential variables set for the code under test."""
+    moto = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    for k, v in S3_CREDS.items():
+        mp.setenv(k, v)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", access_key="test",
+                               secret_key="test-secret", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir(bucket)
+        yield port, fs
+    finally:
+        mp.undo()
+        server.stop()

@@ -15,28 +15,14 @@ import pytest
 from distgpt.checkpoint.manager import CheckpointError, CheckpointManager
 from distgpt.trainer import Trainer
 
-from ..conftest import REPO, tiny_job
+from ..conftest import REPO, S3_CREDS, moto_s3, tiny_job
 
 
 @pytest.fixture(scope="module")
 def bucket():
     """s3:// root on a moto server bound to 127.0.0.1 (credentials from the standard AWS environment)."""
-    moto = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    fs = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", access_key="test",
-                           secret_key="test-secret", region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir("ckpt")
-    yield f"s3://ckpt/{{}}?endpoint_override=127.0.0.1:{port}&scheme=http", env
-    mp.undo()
-    server.stop()
+    with moto_s3("ckpt") as (port, _):
+        yield f"s3://ckpt/{{}}?endpoint_override=127.0.0.1:{port}&scheme=http", S3_CREDS
 
 
 def run(tiny_data, out, *over):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pyarrow.fs as pafs
 import pytest
@@ -12,27 +11,14 @@ from distgpt.data.loader import TokenDataset, load_tokenizer
 from distgpt.data.prepare import PrepareSpec, prepare
 from distgpt.storage import StorageError, redact
 
-CREDS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_REGION": "us-east-1"}
+from ..conftest import moto_s3
 
 
 @pytest.fixture(scope="module")
 def s3():
     """(port, filesystem) of a moto S3 server bound to loopback, with a bucket 'corpus'."""
-    moto = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    for k, v in CREDS.items():
-        mp.setenv(k, v)
-    fs = pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", scheme="http", access_key="test",
-                           secret_key="test-secret", region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir("corpus")
-    yield port, fs
-    mp.undo()
-    server.stop()
+    with moto_s3("corpus") as server:
+        yield server
 
 
 def test_prepare_reads_and_writes_s3(s3):
