@@ -150,7 +150,8 @@ class Trainer:
             return self.checkpoints.save(self.step, self.engine, meta, self.tokenizer.to_json())
         stall = self.checkpoints.save_async(self.step, self.engine, meta, self.tokenizer.to_json())
         self.checkpoint_stalls.append(stall)
-        return f"snapshot taken, training stalled {stall * 1e3:.1f} ms; uploading in the background"
+        return (f"snapshot started ({stall * 1e3:.1f} ms here; copied before the next optimizer step), uploading in "
+                "the background — steps may run slower until the upload ends")
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over a global batch; returns (global mean loss, grad norm) as 0-d tensors."""
