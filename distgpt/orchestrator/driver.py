@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from typing import Any
 
@@ -32,6 +33,7 @@ def connect(address: str, embedded_cpus: int = 0) -> str:
         return "connected"
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return f"Ray cluster at {address}"
     # Embedded default: this machine only. Without this variable, workers advertise the external address to gloo.
@@ -39,6 +41,20 @@ def connect(address: str, embedded_cpus: int = 0) -> str:
     cpus = embedded_cpus or os.cpu_count() or 1
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus)
     return f"embedded local Ray cluster ({cpus} CPUs, 127.0.0.1)"
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once on a GCS address nobody listens on: ``ray.init`` would retry it for minutes, logging warnings."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return  # ray:// clients, 'auto' and bare names are Ray's to resolve
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise OrchestrationError(
+            f"cannot reach a Ray cluster at {address} ({e}) — fix: start one there (`ray start --head "
+            f"--node-ip-address=…`), correct --address / $RAY_ADDRESS, or leave both unset to run on an embedded "
+            f"local cluster") from None
 
 
 def _absolute(job: JobConfig) -> JobConfig:

@@ -4,6 +4,7 @@ started again with the same job (it resumes from the latest committed checkpoint
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -73,3 +74,18 @@ def test_a_restarted_driver_resumes_and_finishes_bitwise_equal(ray_cluster, tiny
     ra, rb = records(tmp_path / "ref"), records(out)
     assert sorted(rb) == list(range(1, 11)) and [ra[s]["samples"] for s in ra] == [rb[s]["samples"] for s in ra]
     assert ref["recoveries"] == []
+
+
+def test_an_unreachable_address_fails_at_once_with_the_fix(tiny_data, tmp_path, capsys):
+    from distgpt.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    args = ["train", TINY, f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}", f"--address=127.0.0.1:{port}"]
+    assert main(args) == 1
+    assert time.monotonic() - t0 < 20  # ray.init alone would retry for minutes
+    err = capsys.readouterr().err
+    assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in err and "fix:" in err
+    assert not (tmp_path / "final").exists()
