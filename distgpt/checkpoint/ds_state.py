@@ -47,16 +47,11 @@ def _ensure_moments(zopt) -> None:
                 st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
 
-def _params(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, int]]:
+def _params(zopt, module: nn.Module) -> Iterator[tuple[str, nn.Parameter, int]]:
     """(canonical name, parameter, ZeRO group index); a tied parameter once, under its first name."""
-    yield from ((name, p, getattr(p, "_distgpt_group", 0)) for name, p in module.named_parameters())
-
-
-def _tag_groups(zopt) -> None:
     groups = zopt.fp16_groups if _stage3(zopt) else zopt.bit16_groups
-    for i, group in enumerate(groups):
-        for p in group:
-            p._distgpt_group = i
+    index = {id(p): i for i, group in enumerate(groups) for p in group}
+    yield from ((name, p, index[id(p)]) for name, p in module.named_parameters())
 
 
 def _flat(zopt, p: nn.Parameter, i: int) -> torch.Tensor:
@@ -103,15 +98,12 @@ def _hyper(zopt, p: nn.Parameter, i: int) -> dict:
 def state_dicts(engine) -> tuple[dict, dict]:
     """(model, optimizer) state of a DeepSpeed engine, assembled in the canonical layout (collective)."""
     zopt, module = _zero(engine), engine.engine.module
-    _tag_groups(zopt)
     _ensure_moments(zopt)
     by_id: dict[int, torch.Tensor] = {}
     osd: dict = {}
-    for name, p, i in _params(module):
+    for name, p, i in _params(zopt, module):
         by_id[id(p)] = _get_full(zopt, p, i, None)
-        flat = _flat(zopt, p, i)
-        st = zopt.optimizer.state[flat]
-        osd[f"state.{name}.step"] = st["step"].detach().clone().float()
+        osd[f"state.{name}.step"] = zopt.optimizer.state[_flat(zopt, p, i)]["step"].detach().clone().float()
         for key in MOMENTS:
             osd[f"state.{name}.{key}"] = _get_full(zopt, p, i, key)
         osd.update({f"param_groups.{name}.{k}": v for k, v in _hyper(zopt, p, i).items()})
@@ -127,14 +119,13 @@ def load_state_dicts(engine, msd: dict, osd: dict) -> None:
     import deepspeed
 
     zopt, module = _zero(engine), engine.engine.module
-    _tag_groups(zopt)
     _ensure_moments(zopt)
-    for name, p, i in _params(module):
+    stage3 = _stage3(zopt)
+    for name, p, i in _params(zopt, module):
         _set_full(zopt, p, i, None, msd[name])
         for key in MOMENTS:
             _set_full(zopt, p, i, key, osd[f"state.{name}.{key}"])
         zopt.optimizer.state[_flat(zopt, p, i)]["step"] = osd[f"state.{name}.step"].detach().clone().float()
-        stage3 = _stage3(zopt)
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
             if not stage3 or dist.get_rank() == 0:  # stage 3 re-partitions rank 0's value after the block
                 p.data.copy_(msd[name].to(p.dtype))

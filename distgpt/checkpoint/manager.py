@@ -144,8 +144,6 @@ class CheckpointManager:
         self.pending: _Pending | None = None
         self._group = None  # background writes talk over their own group, never the training one
         self._hooked: set[int] = set()
-        self.staging_wait_s = 0.0
-        """Seconds training waited for a snapshot still being copied (part of the stall an async save causes)."""
 
     def uri(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -202,11 +200,8 @@ class CheckpointManager:
 
     def wait_staged(self) -> None:
         """Block until the in-flight save's snapshot is in host memory (no-op when there is none)."""
-        p = self.pending
-        if p is not None and not p.staged.done():
-            t0 = time.perf_counter()
-            p.staged.result()
-            self.staging_wait_s += time.perf_counter() - t0
+        if self.pending is not None:
+            self.pending.staged.result()
 
     def _hook(self, engine) -> None:
         """Make every optimizer step of ``engine`` wait for the snapshot first (registered once per optimizer)."""
