@@ -30,7 +30,7 @@ class OrchestrationError(RuntimeError):
 def connect(address: str, embedded_cpus: int = 0) -> str:
     """Join ``address`` (or $RAY_ADDRESS); without one, start a local cluster bound to 127.0.0.1. Returns a label."""
     if ray.is_initialized():
-        return "connected"
+        return _already_connected(address)
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         _check_reachable(address)
@@ -41,6 +41,18 @@ def connect(address: str, embedded_cpus: int = 0) -> str:
     cpus = embedded_cpus or os.cpu_count() or 1
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus)
     return f"embedded local Ray cluster ({cpus} CPUs, 127.0.0.1)"
+
+
+def _already_connected(address: str) -> str:
+    """This process already joined a cluster (a notebook, a test session): an explicit other ``address`` is refused
+    rather than silently ignored, so a job never trains on a cluster its user did not name."""
+    current = ray.get_runtime_context().gcs_address
+    if address and "://" not in address and address not in ("auto", current):
+        _check_reachable(address)
+        raise OrchestrationError(
+            f"this process is already connected to the Ray cluster at {current}, not {address} — fix: drop "
+            f"--address to use the connected cluster, or call ray.shutdown() first")
+    return f"Ray cluster at {current} (already connected)"
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -89,3 +89,17 @@ def test_an_unreachable_address_fails_at_once_with_the_fix(tiny_data, tmp_path, 
     err = capsys.readouterr().err
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port}" in err and "fix:" in err
     assert not (tmp_path / "final").exists()
+
+
+def test_an_address_other_than_the_connected_cluster_is_refused(ray_cluster, tiny_data, tmp_path, capsys):
+    from distgpt.cli import main
+
+    with socket.socket() as s:  # something listens here, but it is not the cluster this process joined
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        other = f"127.0.0.1:{s.getsockname()[1]}"
+        args = ["train", TINY, f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}", f"--address={other}"]
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"already connected to the Ray cluster at {ray_cluster.cluster.address}, not {other}" in err
+    assert not (tmp_path / "final").exists()
