@@ -8,8 +8,8 @@ Layout under the checkpoint root (any pyarrow URI)::
 
 A checkpoint exists only once its manifest exists. Loading goes through DCP against the *current* engine's state
 dicts, so DTensor (FSDP2, TP) and pipeline-stage layouts are resharded on the fly and each rank reads only what it
-needs. DeepSpeed ZeRO engines are saved in the same layout (``ds_state.py``), so they reshard too. Interleaved
-pipelines (several stages per rank) are not covered yet.
+needs. DeepSpeed ZeRO engines are saved in the same layout (``ds_state.py``), so they reshard too, and so do
+interleaved pipelines (several chunks per rank, ``_Chunks``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -73,11 +74,26 @@ def _is_deepspeed(engine) -> bool:
     return isinstance(engine, DeepSpeedEngine)
 
 
+class _Chunks(nn.Module):
+    """The model chunks one rank holds under an interleaved pipeline, seen as one model. Blocks are keyed by global
+    layer index and each end (embedding, final norm, head) appears once, so parameter names are the whole model's —
+    the same as under every other Plan, which is what lets these checkpoints reshard. The chunks' modules are shared,
+    not copied: the optimizer's parameters are this container's."""
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        roots = [c.module if isinstance(c, nn.parallel.DistributedDataParallel) else c for c in chunks]
+        self.cfg = roots[0].cfg
+        self.layers = nn.ModuleDict({k: v for r in roots for k, v in r.layers.items()})
+        for name in ("tok_emb", "pos_emb", "norm", "lm_head"):
+            owner = next((getattr(r, name) for r in roots if getattr(r, name, None) is not None), None)
+            setattr(self, name, owner)
+
+
 def _state_target(engine):
     """(module whose FQNs are the whole model's, optimizer) for DCP's state-dict helpers."""
     if len(engine.modules) != 1:
-        raise CheckpointError("sharded checkpoints of interleaved pipelines are not supported yet — use "
-                              "plan.virtual_stages=1")
+        return _Chunks(engine.modules), engine.optimizer
     return engine.modules[0], engine.optimizer
 
 

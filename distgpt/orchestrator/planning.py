@@ -14,20 +14,14 @@ class NoPlanError(RuntimeError):
     """No plan fits the cluster; the message is the planner's explanation."""
 
 
-def resumable(plan: Plan) -> bool:
-    """Plans whose checkpoints can be loaded into another Plan (interleaved pipelines cannot yet)."""
-    return plan.virtual_stages == 1
-
-
 def plan_for(job: JobConfig, nodes: list[RayNode]) -> Plan:
-    """The planner's best resumable Plan for ``job`` on ``nodes`` (raises NoPlanError when nothing fits)."""
+    """The planner's best Plan for ``job`` on ``nodes`` (raises NoPlanError when nothing fits). Every Plan's
+    checkpoints load into every other, so a re-plan may pick any of them."""
     inv = to_inventory(nodes)
     vocab = job.model.vocab_size or (257 if job.data.tokenizer == "byte" else job.data.vocab_size)
     w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len,
                  "bf16" if job.train.dtype == "bf16" else "fp32")
-    res = search(w, inv, top=50)
-    for cand in res.ranked:
-        if resumable(cand.plan):
-            return cand.plan
-    raise NoPlanError(nothing_fits(res, inv, w) if not res.ranked else
-                      f"only non-resumable plans fit {inv.summary()} (interleaved pipelines)")
+    res = search(w, inv, top=1)
+    if not res.ranked:
+        raise NoPlanError(nothing_fits(res, inv, w))
+    return res.ranked[0].plan

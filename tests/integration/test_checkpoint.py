@@ -92,6 +92,10 @@ def _torchrun(nproc: int, *args: str, env: dict) -> None:
     (["--plan.dp=2"], ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=2"]),
     (["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=1"],
      ["--plan.dp=2", "--plan.dp_engine='deepspeed'", "--plan.zero_stage=3"]),
+    (["--model.n_layer=4", "--plan.pp=2", "--plan.schedule='interleaved-1f1b'", "--plan.virtual_stages=2"],
+     ["--model.n_layer=4", "--plan.dp=2"]),
+    (["--model.n_layer=4", "--plan.dp=2", "--plan.dp_engine='fsdp'"],
+     ["--model.n_layer=4", "--plan.pp=2", "--plan.schedule='interleaved-1f1b'", "--plan.virtual_stages=2"]),
 ])
 def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, save_plan, load_plan):
     root = bucket[0].format(f"reshard-{save_plan[-1][-5:-1]}-{load_plan[-1][-5:-1]}")
