@@ -8,6 +8,7 @@ not a real network);
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -39,6 +40,12 @@ class _MotoProcess:
         self.stop()
         raise RuntimeError("moto's S3 server did not start within 60 s")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -68,61 +75,19 @@ def raw_io(uri: str, blobs: dict[str, bytes]) -> tuple[float, float]:
 
 def run(job: str, overrides: list[str], uri: str | None, repeats: int) -> int:
     """Print throughput ratios and the async stall; exit 0."""
-    import os
-
-    from distgpt.config import load_job
-    from distgpt.trainer import Trainer, ensure_prepared
-
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_REGION", "us-east-1")
     server = None
     if uri is None:
         uri, server = _moto_root()
-    with tempfile.TemporaryDirectory() as out:
-        job_cfg = load_job(job, [*overrides, f"--run.out_dir={out}", "--train.progress=false",
-                                 "--train.tensorboard=false", "--checkpoint.resume='never'"])
-        ensure_prepared(job_cfg, progress=lambda s: None)
-        trainer = Trainer(job_cfg, log=lambda s: None)
-        for _ in range(3):
-            trainer.train_step()
-        steps = [trainer.train_step, trainer.train_step]
-        step_time = statistics.median(_timed(f) for f in steps * 3)
-        rows = []
-        for r in range(repeats):
-            root = storage.join(uri, f"repeat-{r}")  # join keeps any ?endpoint_override=… at the end
-            mgr = CheckpointManager(root, keep_last=10)
-            trainer.checkpoints = mgr
-            t0 = time.perf_counter()
-            mgr.save(100 + r, trainer.engine, {"loader": trainer.loader.state_dict(), "plan_describe": ""})
-            save_s = time.perf_counter() - t0
-            ck = mgr.uri(100 + r)
-            blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in list_dir(ck)
-                     if f.base_name.startswith("__") or f.base_name == ".metadata"}
-            nbytes = sum(map(len, blobs.values()))
-            t0 = time.perf_counter()
-            mgr.load(trainer.engine)
-            load_s = time.perf_counter() - t0
-            raw_w, raw_r = raw_io(storage.join(uri, f"raw-{r}"), blobs)
-            # the stall: the save_async call, plus whatever the steps taken during the upload lose against normal
-            # steps (waiting for the snapshot copy before the optimizer step; sharing CPU and GIL with the upload)
-            t0 = time.perf_counter()
-            call = mgr.save_async(200 + r, trainer.engine, {"loader": trainer.loader.state_dict(),
-                                                             "plan_describe": ""})
-            n = 0
-            while n == 0 or not mgr.pending.future.done():  # training continues while the upload runs
-                trainer.train_step()
-                n += 1
-            stall = max(0.0, time.perf_counter() - t0 - n * step_time)
-            mgr.wait()
-            t0 = time.perf_counter()
-            mgr.save(300 + r, trainer.engine, {"loader": trainer.loader.state_dict(), "plan_describe": ""})
-            blocking = time.perf_counter() - t0
-            rows.append((nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call))
-    if server is not None:
-        server.stop()
+    try:
+        rows, step_time = _measure(job, overrides, uri, repeats, server)
+    finally:
+        if server is not None:
+            server.stop()
     med = [statistics.median(col) for col in zip(*rows, strict=True)]
-    nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call = med
+    nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call, moto_cpu, local_stall, local_blocking = med
     mb = nbytes / 2**20
     print(f"bench checkpoint: {mb:.1f} MiB per checkpoint, {repeats} repeats (medians), step time {step_time:.3f} s")
     print(f"  save: {mb / save_s:8.1f} MiB/s vs raw pyarrow write {mb / raw_w:8.1f} MiB/s → {raw_w / save_s:.2f}× "
@@ -132,10 +97,73 @@ def run(job: str, overrides: list[str], uri: str | None, repeats: int) -> int:
     print(f"  training stall: async {stall * 1e3:.1f} ms = {stall / step_time:.1%} of a step (the call itself "
           f"{call * 1e3:.1f} ms, the rest: steps slowed by the background upload); blocking save "
           f"{blocking * 1e3:.1f} ms = {blocking / step_time:.1%} (goal: async < 5%)")
+    if server is not None:
+        print(f"    (the S3 server on this machine used {moto_cpu:.2f} CPU-s of its 2 cores during that upload)")
+    print(f"  training stall to a local directory: async {local_stall * 1e3:.1f} ms = {local_stall / step_time:.1%} "
+          f"of a step; blocking save {local_blocking * 1e3:.1f} ms = {local_blocking / step_time:.1%}")
     return 0
 
 
-def _timed(fn) -> float:
+def _measure(job: str, overrides: list[str], uri: str, repeats: int, server: _MotoProcess | None):
+    """(one row of figures per repeat, the median step time without checkpointing)."""
+    from distgpt.config import load_job
+    from distgpt.trainer import Trainer, ensure_prepared
+
+    with tempfile.TemporaryDirectory() as out:
+        job_cfg = load_job(job, [*overrides, f"--run.out_dir={out}", "--train.progress=false",
+                                 "--train.tensorboard=false", "--checkpoint.resume='never'"])
+        ensure_prepared(job_cfg, progress=lambda s: None)
+        trainer = Trainer(job_cfg, log=lambda s: None)
+        for _ in range(3):
+            trainer.train_step()
+        step_time = statistics.median(_timed(trainer.train_step) for _ in range(6))
+        return [_repeat(trainer, uri, out, r, step_time, server) for r in range(repeats)], step_time
+
+
+def _repeat(trainer, uri: str, out: str, r: int, step_time: float, server: _MotoProcess | None) -> tuple:
+    """One round of every measurement, with fresh checkpoint roots."""
+    mgr = CheckpointManager(storage.join(uri, f"repeat-{r}"), keep_last=10)  # join keeps ?endpoint_override=…
+    trainer.checkpoints = mgr
+    save_s = _timed(mgr.save, 100 + r, trainer.engine, _meta(trainer))
+    ck = mgr.uri(100 + r)
+    blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in list_dir(ck)
+             if f.base_name.startswith("__") or f.base_name == ".metadata"}
+    load_s = _timed(mgr.load, trainer.engine)
+    raw_w, raw_r = raw_io(storage.join(uri, f"raw-{r}"), blobs)
+    stall, call, server_cpu = async_stall(trainer, mgr, 200 + r, step_time, server)
+    blocking = _timed(mgr.save, 300 + r, trainer.engine, _meta(trainer))
+    # the same two measurements against a local directory: no server shares this machine's cores
+    local = CheckpointManager(storage.join(out, f"local-{r}"), keep_last=10)
+    local_stall, _, _ = async_stall(trainer, local, 400 + r, step_time, None)
+    local_blocking = _timed(local.save, 500 + r, trainer.engine, _meta(trainer))
+    nbytes = sum(map(len, blobs.values()))
+    return nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call, server_cpu, local_stall, local_blocking
+
+
+def _meta(trainer) -> dict:
+    return {"loader": trainer.loader.state_dict(), "plan_describe": ""}
+
+
+def async_stall(trainer, mgr: CheckpointManager, step: int, step_time: float,
+                server: _MotoProcess | None) -> tuple[float, float, float]:
+    """(training time lost to an asynchronous save, the save_async call alone, the server's CPU-seconds meanwhile).
+
+    Lost time: the call, plus whatever the steps taken while the upload runs lose against normal steps (waiting for
+    the snapshot copy before the optimizer step; sharing cores and the GIL with the upload)."""
+    cpu0 = server.cpu_seconds() if server else 0.0
     t0 = time.perf_counter()
-    fn()
+    call = mgr.save_async(step, trainer.engine, _meta(trainer))
+    n = 0
+    while n == 0 or not mgr.pending.future.done():  # training continues while the upload runs
+        trainer.train_step()
+        n += 1
+    lost = max(0.0, time.perf_counter() - t0 - n * step_time)
+    cpu = (server.cpu_seconds() if server else 0.0) - cpu0
+    mgr.wait()
+    return lost, call, cpu
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
     return time.perf_counter() - t0

@@ -71,6 +71,33 @@ def layer_curve(cfg, seq: int) -> tuple[list[list[float]], float]:
     return curve, sum(saved.values()) / model
 
 
+def speed_reference(repeats: int = 7) -> float:
+    """Seconds for one forward+backward of one fixed transformer block (width 256, 2×128 tokens, one thread, like
+    each torchrun rank): a yardstick of how fast this machine is *right now*. Shared or throttled machines drift by
+    tens of percent between minutes; a profile records it, and `bench plan-accuracy` measures it again beside each
+    run."""
+    import dataclasses
+
+    from distgpt.model.gpt import Block
+    from distgpt.model.presets import preset
+
+    cfg = dataclasses.replace(preset("tiny"), n_embd=256, n_head=4, block_size=128, dropout=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        block = Block(cfg)
+        x = torch.randn(2, 128, cfg.n_embd, requires_grad=True)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            block(x).sum().backward()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def allreduce_fit() -> tuple[float, float]:
     """(bandwidth bytes/s, per-hop latency s) from all-reduce timings at several sizes."""
     n = dist.get_world_size()
@@ -163,6 +190,7 @@ def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: i
     inv = inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]})
     devices = device_models({"cpu": prof})
     times, mems = [], []
+    reference = speed_reference()
     with tempfile.TemporaryDirectory() as tmp:
         for key, extra in MECHANISMS.items():
             got = launch(2, job_path, base + extra, steps, False, tmp)
@@ -180,7 +208,7 @@ def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: i
             print(f"  {key}: measured {measured * 1e3:.0f} ms/step vs modelled {pred.step_time * 1e3:.0f} ms → "
                   f"{per * 1e3:+.2f} ms per micro-batch per layer, {extra_mem / 2**20:+.0f} MiB")
     prof = dataclasses.replace(prof, engine_time=tuple(times), engine_memory=tuple(mems))
-    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB})
+    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB, "reference_s": reference})
 
 
 if __name__ == "__main__":

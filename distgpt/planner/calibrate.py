@@ -58,6 +58,11 @@ def load_profile(path: str | Path) -> dict[str, DeviceProfile]:
     return out
 
 
+def load_measured(path: str | Path) -> dict:
+    """The profile's record of how it was measured (``reference_s``: the machine-speed yardstick, when present)."""
+    return dict(json.loads(Path(path).read_text()).get("measured", {}))
+
+
 def device_models(profiles: dict[str, DeviceProfile]) -> dict[str, DeviceModel]:
     """Cost-model devices that use the measured figures."""
     out: dict[str, DeviceModel] = {}

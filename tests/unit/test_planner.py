@@ -9,7 +9,7 @@ import pytest
 from distgpt.cli import main
 from distgpt.model.presets import layer_params, param_count, preset
 from distgpt.planner import cost
-from distgpt.planner.calibrate import DeviceProfile, device_models, load_profile, save_profile
+from distgpt.planner.calibrate import DeviceProfile, device_models, load_measured, load_profile, save_profile
 from distgpt.planner.cost import DeviceModel, Workload
 from distgpt.planner.evaluate import Evaluator, predict
 from distgpt.planner.explain import nothing_fits
@@ -134,9 +134,10 @@ def test_infeasible_small_change_found():
 
 def test_profile_round_trip_and_use(tmp_path):
     prof = DeviceProfile(((64, 2e9), (512, 4e9)), 1.5e9, 4e-5, 0.0, 0.9, 3e8, 8e9)
-    save_profile(tmp_path / "p.json", {"cpu": prof})
+    save_profile(tmp_path / "p.json", {"cpu": prof}, {"reference_s": 0.012})
     loaded = load_profile(tmp_path / "p.json")
     assert loaded == {"cpu": prof}
+    assert load_measured(tmp_path / "p.json")["reference_s"] == 0.012
     dev = device_models(loaded)["cpu"]
     assert dev.flops("fp32", 64) == 2e9 and dev.flops("fp32", 288) == pytest.approx(3e9)
     assert dev.flops("fp32", 10_000) == 4e9 and dev.link_bw == 1.5e9 and dev.device.memory_bytes == 8e9
