@@ -170,45 +170,61 @@ def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
 
 
 def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: int = 16) -> None:
-    """Run each mechanism at the calibration config; store measured − modelled time and memory in the profile."""
+    """Run each mechanism at the calibration config, at two micro-batch sizes; store in the profile what the
+    formulas miss: seconds per micro-batch and per optimizer step (per local layer), and extra memory."""
     import dataclasses
     import tempfile
 
+    from distgpt.planner.calibrate import device_models, load_profile, save_profile
+
+    prof = load_profile(out)["cpu"]
+    devices = device_models({"cpu": prof})
+    per_micro, per_step, mems = [], [], []
+    reference = speed_reference()
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, extra in MECHANISMS.items():
+            # two micro-batch counts separate the cost paid per micro-batch from the cost paid once per step
+            points = [_mechanism_extra(job_path, [*overrides, *CALIB, *extra, f"--train.micro_batch_size={mb}"],
+                                       devices, steps, tmp) for mb in (2, 4)]
+            if any(isinstance(pt, str) for pt in points):
+                print(f"  calibration of {key} skipped: {next(pt for pt in points if isinstance(pt, str))}")
+                continue
+            (n1, e1, m1), (n2, e2, _) = points
+            a = max(0.0, (e1 - e2) / (n1 - n2))
+            b = max(0.0, e1 - n1 * a)
+            per_micro.append((key, a))
+            per_step.append((key, b))
+            mems.append((key, m1))
+            print(f"  {key}: {a * 1e3:+.2f} ms per micro-batch and {b * 1e3:+.2f} ms per step, per layer, beyond "
+                  f"the formulas; {m1 / 2**20:+.0f} MiB")
+    prof = dataclasses.replace(prof, engine_time=tuple(per_micro), engine_step_time=tuple(per_step),
+                               engine_memory=tuple(mems))
+    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB, "reference_s": reference})
+
+
+def _mechanism_extra(job_path: str, args: list[str], devices: dict, steps: int, tmp: str) -> tuple | str:
+    """(micro-batches per step, measured − modelled seconds per local layer, measured − modelled peak bytes), or
+    why it could not be measured."""
     from distgpt.bench.parallel_bench import launch
     from distgpt.config import load_job
-    from distgpt.planner.calibrate import device_models, load_profile, save_profile
     from distgpt.planner.cost import Workload
     from distgpt.planner.evaluate import predict
     from distgpt.planner.inventory import inventory_from_dict
     from distgpt.trainer import ensure_prepared
 
-    base = [*overrides, *CALIB]
-    job = load_job(job_path, base)
+    job = load_job(job_path, args)
     vocab = ensure_prepared(job, progress=lambda s: None)["tokenizer"]["vocab_size"]
     w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len, "fp32")
-    prof = load_profile(out)["cpu"]
-    inv = inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]})
-    devices = device_models({"cpu": prof})
-    times, mems = [], []
-    reference = speed_reference()
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, extra in MECHANISMS.items():
-            got = launch(2, job_path, base + extra, steps, False, tmp)
-            plan = load_job(job_path, base + extra).plan.with_micro_batch(job.train.micro_batch_size)
-            pred = predict(plan, w, inv, devices)
-            if "error" in got or isinstance(pred, str):
-                print(f"  calibration of {key} skipped: {got.get('error') or pred}")
-                continue
-            measured = w.global_batch * w.seq_len / got["tokens_per_s"]
-            n_micro = plan.shares(w.global_batch)[0] // plan.micro_batch_size
-            per = (measured - pred.step_time) / (n_micro * w.model.n_layer / plan.pp)
-            extra_mem = got["peak_mb"] * 2**20 - max(pred.memory.values())
-            times.append((key, per))
-            mems.append((key, extra_mem))
-            print(f"  {key}: measured {measured * 1e3:.0f} ms/step vs modelled {pred.step_time * 1e3:.0f} ms → "
-                  f"{per * 1e3:+.2f} ms per micro-batch per layer, {extra_mem / 2**20:+.0f} MiB")
-    prof = dataclasses.replace(prof, engine_time=tuple(times), engine_memory=tuple(mems))
-    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB, "reference_s": reference})
+    plan = job.plan.with_micro_batch(job.train.micro_batch_size)
+    pred = predict(plan, w, inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]}), devices)
+    got = launch(2, job_path, args, steps, False, tmp)
+    if "error" in got or isinstance(pred, str):
+        return str(got.get("error") or pred)
+    measured = w.global_batch * w.seq_len / got["tokens_per_s"]
+    n_micro = plan.shares(w.global_batch)[0] // plan.micro_batch_size
+    layers = w.model.n_layer / plan.pp
+    print(f"    {' '.join(args[-2:])}: measured {measured * 1e3:.0f} ms/step vs modelled {pred.step_time * 1e3:.0f} ms")
+    return n_micro, (measured - pred.step_time) / layers, got["peak_mb"] * 2**20 - max(pred.memory.values())
 
 
 if __name__ == "__main__":

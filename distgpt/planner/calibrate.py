@@ -33,6 +33,7 @@ class DeviceProfile:
     memory_bytes: float = 0.0
     engine_time: tuple[tuple[str, float], ...] = ()
     engine_memory: tuple[tuple[str, float], ...] = ()
+    engine_step_time: tuple[tuple[str, float], ...] = ()
 
 
 def save_profile(path: str | Path, devices: dict[str, DeviceProfile], measured: dict | None = None) -> None:
@@ -52,7 +53,7 @@ def load_profile(path: str | Path) -> dict[str, DeviceProfile]:
         raise ValueError(f"{p}: not a distgpt hardware profile (format {data.get('format')!r})")
     out = {}
     for name, d in data["devices"].items():
-        for key in ("flops_curve", "engine_time", "engine_memory"):
+        for key in ("flops_curve", "engine_time", "engine_memory", "engine_step_time"):
             d[key] = tuple(tuple(x) for x in d.get(key, ()))
         out[device_type(name).name] = DeviceProfile(**d)
     return out
@@ -73,5 +74,5 @@ def device_models(profiles: dict[str, DeviceProfile]) -> dict[str, DeviceModel]:
         out[dev.name] = DeviceModel(dev, intra_bw=pr.intra_bw, latency=pr.latency, comm_overlap=pr.comm_overlap,
                                     act_scale=pr.act_scale, overhead_bytes=pr.overhead_bytes,
                                     flops_curve=pr.flops_curve, engine_time=pr.engine_time,
-                                    engine_memory=pr.engine_memory)
+                                    engine_memory=pr.engine_memory, engine_step_time=pr.engine_step_time)
     return out

@@ -70,11 +70,19 @@ class DeviceModel:
     per micro-batch per local layer: hooks, copies and small collectives the FLOP and bandwidth terms miss."""
     engine_memory: tuple[tuple[str, float], ...] = ()
     """Measured extra resident bytes per rank of each mechanism (its buffers and libraries)."""
+    engine_step_time: tuple[tuple[str, float], ...] = ()
+    """The part of a mechanism's software cost paid once per optimizer step rather than per micro-batch (FSDP's and
+    ZeRO-3's gradient reduce-scatter and shard bookkeeping), in seconds per local layer."""
 
     def engine_cost(self, keys: list[str]) -> tuple[float, float]:
         """(seconds per micro-batch per layer, bytes) the mechanisms in ``keys`` add on this device."""
         t, m = dict(self.engine_time), dict(self.engine_memory)
         return sum(t.get(k, 0.0) for k in keys), sum(m.get(k, 0.0) for k in keys)
+
+    def engine_step_cost(self, keys: list[str]) -> float:
+        """Seconds per optimizer step per local layer the mechanisms in ``keys`` add on this device."""
+        t = dict(self.engine_step_time)
+        return sum(t.get(k, 0.0) for k in keys)
 
     def flops(self, dtype: str, tokens: float = 0.0) -> float:
         """FLOP/s of transformer layers at ``tokens`` per micro-batch."""

@@ -138,10 +138,11 @@ class Evaluator:
                            min(times), min(d.comm_overlap for d in devs))
         local = params / dp if (engine == "fsdp" or zero >= 1) else params
         opt = max(cost.optimizer_time(local, d) for d in devs)
-        step = compute + dpt + opt
+        fixed = max(max(lay.stage_layers) * d.engine_step_cost(list(keys)) for d in devs)
+        step = compute + dpt + opt + fixed
         return self._candidate(lay, m, engine, zero, rc, per, step, mem, cap,
                                {"compute": compute - bubble, "pipeline_bubble": bubble, "data_parallel": dpt,
-                                "optimizer": opt})
+                                "optimizer": opt, "per_step_overhead": fixed})
 
     def cap_replicas(self, lay: Layout, most: int, m: int, rc: bool) -> Layout | None:
         """Drop replicas, slowest kind first, until each can get work (more devices than batch leaves some idle)."""

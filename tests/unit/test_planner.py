@@ -178,6 +178,10 @@ def test_measured_engine_costs_enter_time_and_memory():
     a, b = predict(plan, w, cluster, {"cpu": base}), predict(plan, w, cluster, {"cpu": costly})
     assert b.step_time - a.step_time == pytest.approx(0.01 * 4 * 2)  # per layer × 4 layers × 2 micro-batches
     assert b.memory["cpu"] - a.memory["cpu"] == pytest.approx(5e7)
+    stepwise = DeviceModel(cpu, achieved_flops=1e10, intra_bw=1e9, comm_overlap=0.0, engine_step_time=(("fsdp", 0.02),))
+    c = predict(plan, w, cluster, {"cpu": stepwise})
+    assert c.step_time - a.step_time == pytest.approx(0.02 * 4)  # per layer × 4 layers, once per step
+    assert c.breakdown["per_step_overhead"] == pytest.approx(0.08)
     assert cost.engine_keys("deepspeed", 3, 2, 1, 1) == ["zero3"]
     assert cost.engine_keys("ddp", 0, 2, 2, 2) == ["ddp", "tp", "pp"]
     assert Plan(dp=2, micro_batch_size=2).num_micro_batches(8) == [2, 2]
