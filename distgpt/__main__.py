@@ -4,4 +4,5 @@ import sys
 
 from distgpt.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned child (DCP's save process) imports this module too
+    sys.exit(main())

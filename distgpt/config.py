@@ -146,6 +146,9 @@ class CheckpointSection:
     """On a corrupt latest checkpoint, load the previous good one instead of stopping."""
     async_save: bool = True
     """Snapshot to host memory and upload in the background while training continues (one save in flight)."""
+    async_upload: Literal["process", "thread"] = "process"
+    """Who serialises and uploads an async save: 'process', a background process per rank (shares no GIL with
+    training; stages one copy of the rank's state in /dev/shm), or 'thread', a thread of the training process."""
 
 
 @dataclass

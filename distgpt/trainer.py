@@ -132,7 +132,7 @@ class Trainer:
         c = self.job.checkpoint
         if c.interval:
             preflight(self.job.checkpoint_uri)  # an unwritable bucket fails now, not at the first save
-        mgr = CheckpointManager(self.job.checkpoint_uri, c.keep_last, c.keep_every)
+        mgr = CheckpointManager(self.job.checkpoint_uri, c.keep_last, c.keep_every, c.async_upload)
         if c.resume == "auto" and mgr.committed():
             manifest = mgr.load(self.engine, fallback=c.fallback)
             self.step = manifest["step"]

@@ -86,22 +86,31 @@ def run(job: str, overrides: list[str], uri: str | None, repeats: int) -> int:
     finally:
         if server is not None:
             server.stop()
-    med = [statistics.median(col) for col in zip(*rows, strict=True)]
-    nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call, moto_cpu, local_stall, local_blocking = med
-    mb = nbytes / 2**20
-    print(f"bench checkpoint: {mb:.1f} MiB per checkpoint, {repeats} repeats (medians), step time {step_time:.3f} s")
-    print(f"  save: {mb / save_s:8.1f} MiB/s vs raw pyarrow write {mb / raw_w:8.1f} MiB/s → {raw_w / save_s:.2f}× "
-          f"(goal ≥ 0.8×)")
-    print(f"  load: {mb / load_s:8.1f} MiB/s vs raw pyarrow read  {mb / raw_r:8.1f} MiB/s → {raw_r / load_s:.2f}× "
-          f"(goal ≥ 0.8×)")
-    print(f"  training stall: async {stall * 1e3:.1f} ms = {stall / step_time:.1%} of a step (the call itself "
-          f"{call * 1e3:.1f} ms, the rest: steps slowed by the background upload); blocking save "
-          f"{blocking * 1e3:.1f} ms = {blocking / step_time:.1%} (goal: async < 5%)")
-    if server is not None:
-        print(f"    (the S3 server on this machine used {moto_cpu:.2f} CPU-s of its 2 cores during that upload)")
-    print(f"  training stall to a local directory: async {local_stall * 1e3:.1f} ms = {local_stall / step_time:.1%} "
-          f"of a step; blocking save {local_blocking * 1e3:.1f} ms = {local_blocking / step_time:.1%}")
+    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    _report(med, step_time, repeats, server is not None)
     return 0
+
+
+def _report(med: dict, step_time: float, repeats: int, moto: bool) -> None:
+    mb = med["bytes"] / 2**20
+    print(f"bench checkpoint: {mb:.1f} MiB per checkpoint, {repeats} repeats (medians), step time {step_time:.3f} s")
+    for what, ours, raw in (("save", "save_s", "raw_write_s"), ("load", "load_s", "raw_read_s")):
+        print(f"  {what}: {mb / med[ours]:8.1f} MiB/s vs raw pyarrow {'write' if what == 'save' else 'read '} "
+              f"{mb / med[raw]:8.1f} MiB/s "
+              f"→ {med[raw] / med[ours]:.2f}× (goal ≥ 0.8×)")
+    print("  training stall per save (goal: async < 5% of a step) — lost: steps during the save against as many "
+          "plain steps right after it; waited: the save call plus optimizer steps waiting for the snapshot")
+    for target in ("s3", "local"):
+        name = ("S3 server" if moto else "--uri") if target == "s3" else "local directory"
+        for mode in ("process", "thread"):
+            lost, waited = med[f"{target}_{mode}_lost"], med[f"{target}_{mode}_waited"]
+            print(f"    {name:15} async, {mode:7} upload: lost {lost * 1e3:6.0f} ms = {lost / step_time:6.1%}   "
+                  f"waited {waited * 1e3:5.0f} ms = {waited / step_time:5.1%}")
+        blocking = med[f"{target}_blocking"]
+        print(f"    {name:15} blocking save:         {blocking * 1e3:6.0f} ms = {blocking / step_time:6.1%}")
+    if moto:
+        print(f"    (the S3 server runs on this machine: it used {med['server_cpu']:.2f} CPU-s during one async "
+              "upload, out of the same cores training uses)")
 
 
 def _measure(job: str, overrides: list[str], uri: str, repeats: int, server: _MotoProcess | None):
@@ -117,50 +126,58 @@ def _measure(job: str, overrides: list[str], uri: str, repeats: int, server: _Mo
         for _ in range(3):
             trainer.train_step()
         step_time = statistics.median(_timed(trainer.train_step) for _ in range(6))
-        return [_repeat(trainer, uri, out, r, step_time, server) for r in range(repeats)], step_time
+        return [_repeat(trainer, uri, out, r, server) for r in range(repeats)], step_time
 
 
-def _repeat(trainer, uri: str, out: str, r: int, step_time: float, server: _MotoProcess | None) -> tuple:
+def _repeat(trainer, uri: str, out: str, r: int, server: _MotoProcess | None) -> dict[str, float]:
     """One round of every measurement, with fresh checkpoint roots."""
     mgr = CheckpointManager(storage.join(uri, f"repeat-{r}"), keep_last=10)  # join keeps ?endpoint_override=…
-    trainer.checkpoints = mgr
-    save_s = _timed(mgr.save, 100 + r, trainer.engine, _meta(trainer))
+    row = {"save_s": _timed(mgr.save, 100 + r, trainer.engine, _meta(trainer))}
     ck = mgr.uri(100 + r)
     blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in list_dir(ck)
              if f.base_name.startswith("__") or f.base_name == ".metadata"}
-    load_s = _timed(mgr.load, trainer.engine)
-    raw_w, raw_r = raw_io(storage.join(uri, f"raw-{r}"), blobs)
-    stall, call, server_cpu = async_stall(trainer, mgr, 200 + r, step_time, server)
-    blocking = _timed(mgr.save, 300 + r, trainer.engine, _meta(trainer))
-    # the same two measurements against a local directory: no server shares this machine's cores
-    local = CheckpointManager(storage.join(out, f"local-{r}"), keep_last=10)
-    local_stall, _, _ = async_stall(trainer, local, 400 + r, step_time, None)
-    local_blocking = _timed(local.save, 500 + r, trainer.engine, _meta(trainer))
-    nbytes = sum(map(len, blobs.values()))
-    return nbytes, save_s, raw_w, load_s, raw_r, stall, blocking, call, server_cpu, local_stall, local_blocking
+    row["load_s"] = _timed(mgr.load, trainer.engine)
+    row["raw_write_s"], row["raw_read_s"] = raw_io(storage.join(uri, f"raw-{r}"), blobs)
+    row["bytes"] = sum(map(len, blobs.values()))
+    roots = {"s3": storage.join(uri, f"stall-{r}"), "local": storage.join(out, f"local-{r}")}
+    for i, (target, root) in enumerate(roots.items()):
+        for j, mode in enumerate(("process", "thread")):
+            m = CheckpointManager(root, keep_last=10, upload=mode)
+            row[f"{target}_{mode}_lost"], row[f"{target}_{mode}_waited"], cpu = async_stall(
+                trainer, m, 1000 * r + 10 * i + j, server if target == "s3" else None)
+            row["server_cpu"] = cpu if (target, mode) == ("s3", "process") else row.get("server_cpu", 0.0)
+        row[f"{target}_blocking"] = _timed(CheckpointManager(root, keep_last=10).save, 1000 * r + 10 * i + 5,
+                                           trainer.engine, _meta(trainer))
+    return row
 
 
 def _meta(trainer) -> dict:
     return {"loader": trainer.loader.state_dict(), "plan_describe": ""}
 
 
-def async_stall(trainer, mgr: CheckpointManager, step: int, step_time: float,
+def async_stall(trainer, mgr: CheckpointManager, step: int,
                 server: _MotoProcess | None) -> tuple[float, float, float]:
-    """(training time lost to an asynchronous save, the save_async call alone, the server's CPU-seconds meanwhile).
+    """(training time lost to an asynchronous save, the time training waited on it, the server's CPU-seconds).
 
-    Lost time: the call, plus whatever the steps taken while the upload runs lose against normal steps (waiting for
-    the snapshot copy before the optimizer step; sharing cores and the GIL with the upload)."""
+    Lost time: the steps taken from the save call until the upload ends, against as many plain steps taken right
+    after — a reference measured in the same moment, as this machine's speed drifts. It includes everything the
+    save costs training here: the call, waiting for the snapshot, and sharing cores (and with a thread upload, the
+    GIL) with serialisation, hashing and the upload."""
+    mgr.save_async(step - 1, trainer.engine, _meta(trainer))  # warm-up: a save process starts once per run
+    mgr.wait()
     cpu0 = server.cpu_seconds() if server else 0.0
     t0 = time.perf_counter()
-    call = mgr.save_async(step, trainer.engine, _meta(trainer))
+    mgr.save_async(step, trainer.engine, _meta(trainer))
     n = 0
     while n == 0 or not mgr.pending.future.done():  # training continues while the upload runs
         trainer.train_step()
         n += 1
-    lost = max(0.0, time.perf_counter() - t0 - n * step_time)
+    during = time.perf_counter() - t0
+    waited = mgr.pending.blocked
     cpu = (server.cpu_seconds() if server else 0.0) - cpu0
     mgr.wait()
-    return lost, call, cpu
+    plain = _timed(lambda: [trainer.train_step() for _ in range(n)])
+    return max(0.0, during - plain), waited, cpu
 
 
 def _timed(fn, *args) -> float:

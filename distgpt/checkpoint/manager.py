@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from distgpt import storage
 from distgpt.checkpoint import ds_state
@@ -35,6 +37,7 @@ from distgpt.checkpoint.storage import (
     delete_dir,
     first_error,
     list_dir,
+    read_checksums,
     redact_text,
     with_retries,
 )
@@ -149,15 +152,17 @@ class _Pending:
     tokenizer_json: str
     rng: list
     started: float
-    writer: ArrowWriter
+    blocked: float = 0.0
+    """Seconds training waited for this save: the call, then optimizer steps waiting for the snapshot."""
 
 
 class CheckpointManager:
     """Save / list / load / retain checkpoints under ``root``."""
 
-    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0):
-        self.root, self.keep_last, self.keep_every = root, keep_last, keep_every
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, upload: str = "process"):
+        self.root, self.keep_last, self.keep_every, self.upload = root, keep_last, keep_every, upload
         self.pending: _Pending | None = None
+        self._stager: DefaultStager | None = None
         self._group = None  # background writes talk over their own group, never the training one
         self._hooked: set[int] = set()
 
@@ -193,31 +198,53 @@ class CheckpointManager:
         """Collective: snapshot the state to host memory and write it in the background (at most one save in
         flight: a previous one is finished and committed first). Returns the seconds training was stalled here.
 
-        The snapshot itself is copied on a background thread while the next forward and backward run; the
-        optimizer's next step waits for it (``wait_staged``, hooked before every optimizer step), since that is the
-        first moment the parameters change."""
+        The snapshot is copied on a background thread while the next forward and backward run; the optimizer's
+        next step waits for it (``wait_staged``, hooked before every optimizer step), since that is the first moment
+        the parameters change. Serialising and uploading then happen in DCP's background process (``upload =
+        "process"``: the snapshot is staged in shared memory, so nothing is copied again and no GIL is shared with
+        training) or on a thread of this process (``"thread"``)."""
         self.wait()
         t0 = time.perf_counter()
-        if dist.is_initialized() and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+        self._background_group()
         self._hook(engine)
         msd, osd = _state_dicts(engine)
         uri = self.uri(step)
         writer = ArrowWriter(uri)
-        gpu = torch.cuda.is_available()
-        stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=True,
-                                              use_non_blocking_copy=gpu))
+        kind = AsyncCheckpointerType.PROCESS if self.upload == "process" else AsyncCheckpointerType.THREAD
         resp = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group,
-                              async_stager=stager)
+                              async_checkpointer_type=kind, async_stager=self._stager_for_save())
         rng = _gather(torch.get_rng_state().tolist())
         self.pending = _Pending(step, uri, resp.upload_completion, resp.staging_completion, meta, tokenizer_json,
-                                rng, t0, writer)
-        return time.perf_counter() - t0
+                                rng, t0, time.perf_counter() - t0)
+        return self.pending.blocked
+
+    def _background_group(self) -> None:
+        """A gloo group of all ranks for the background saves' own collectives (never the training group). DCP's
+        save process needs a process group even for one rank, so a one-rank run gets one, on loopback."""
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if os.environ["MASTER_ADDR"].startswith("127."):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the save process inherits it
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+
+    def _stager_for_save(self) -> DefaultStager:
+        """One stager per manager: it keeps its host buffers (pinned on GPU; shared memory for the save process)
+        and refills them at each save instead of allocating the state's size again."""
+        if self._stager is None:
+            gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=gpu, use_shared_memory=self.upload == "process", use_async_staging=True,
+                use_non_blocking_copy=gpu))
+        return self._stager
 
     def wait_staged(self) -> None:
         """Block until the in-flight save's snapshot is in host memory (no-op when there is none)."""
-        if self.pending is not None:
+        if self.pending is not None and not self.pending.staged.done():
+            t0 = time.perf_counter()
             self.pending.staged.result()
+            self.pending.blocked += time.perf_counter() - t0
 
     def _hook(self, engine) -> None:
         """Make every optimizer step of ``engine`` wait for the snapshot first (registered once per optimizer)."""
@@ -246,8 +273,9 @@ class CheckpointManager:
         except BaseException as e:  # a storage failure: the previous commit stays the latest
             raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
                                f"{redact_text(first_error(e))}") from None
-        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, p.writer.fs.written)
-        return f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async)"
+        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, read_checksums(p.uri, _dist()[0]))
+        return (f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async; training "
+                f"waited {p.blocked * 1e3:.0f} ms for it)")
 
     def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list,
                 written: dict[str, tuple[int, str]]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
 import posixpath
 import time
@@ -19,6 +21,9 @@ from typing import TypeVar
 import pyarrow.fs as pafs
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from distgpt import storage
 from distgpt.storage import StorageError, redact
@@ -65,7 +70,7 @@ class _HashingStream:
 
     def write(self, data) -> int:
         self._hash.update(data)
-        self._size += len(memoryview(data).cast("B"))
+        self._size += memoryview(data).nbytes
         return self._inner.write(data)
 
     def flush(self) -> None:
@@ -136,12 +141,39 @@ class ArrowFileSystem(FileSystemBase):
 
 
 class ArrowWriter(FileSystemWriter):
-    """DCP writer to a pyarrow URI (one file per rank)."""
+    """DCP writer to a pyarrow URI (one file per rank).
+
+    Each rank's writer also leaves the sizes and checksums of its files in a small side file
+    (``checksums_uri``): a save running in a background process cannot hand them back in memory."""
 
     def __init__(self, uri: str):
         super().__init__(uri, single_file_per_rank=True, sync_files=False)  # object stores commit on close
         self.fs = ArrowFileSystem()
         self.path = self.fs.init_path(uri)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        fut = super().write_data(plan, planner)
+        fut.wait()  # FileSystemWriter has written (and we have hashed) every file by the time it returns
+        rank = int(plan.storage_data.prefix.strip("_"))  # DCP names rank r's files "__r_<n>.distcp"
+        with self.fs.create_stream(self.fs.concat_path(self.path, _checksums_name(rank)), "wb") as f:
+            f.write(json.dumps(self.fs.written).encode())
+        return fut
+
+    def __setstate__(self, state: dict) -> None:
+        # Only DCP's background save process unpickles a writer. DCP sets that process's root logger to INFO and
+        # would print three lines per save on every rank; distgpt reports saves itself, so warnings only.
+        self.__dict__.update(state)
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def _checksums_name(rank: int) -> str:
+    return f"checksums-rank{rank}.json"
+
+
+def read_checksums(uri: str, rank: int) -> dict[str, tuple[int, str]]:
+    """{file name: (bytes, sha256)} of what ``rank``'s writer wrote under ``uri``."""
+    data = json.loads(storage.read_bytes(storage.join(uri, _checksums_name(rank))))
+    return {name: (size, digest) for name, (size, digest) in data.items()}
 
 
 class ArrowReader(FileSystemReader):

@@ -30,14 +30,15 @@ def run(tiny_data, out, *over):
                             "--train.log_interval=1", *over), log=lambda s: None)
 
 
-@pytest.mark.parametrize("mode", ["true", "false"])
+@pytest.mark.parametrize("mode", ["process", "thread", "blocking"])
 def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
     root = bucket[0].format(f"resume-{mode}")
+    how = (f"--checkpoint.async_save={mode != 'blocking'}".lower(),
+           f"--checkpoint.async_upload={'thread' if mode == 'blocking' else mode}")
     full = run(tiny_data, tmp_path / "full").fit()
     first = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
-                "--train.max_steps=4", f"--checkpoint.async_save={mode}").fit()
-    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
-                  f"--checkpoint.async_save={mode}")
+                "--train.max_steps=4", *how).fit()
+    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4", *how)
     assert resumed.step == 4 and resumed.loader.state_dict()["consumed"] == 4 * 8
     second = resumed.fit()
     assert first.losses + second.losses == full.losses  # bit for bit
@@ -185,25 +186,33 @@ def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_da
 
 KILLER = """
 import os, signal, sys
-from distgpt.checkpoint import storage as s
-real = s.ArrowFileSystem.create_stream
-def killed(self, path, mode):
+from distgpt.checkpoint import manager as m, storage as s
+real_stream, real_async = s.ArrowFileSystem.create_stream, m.CheckpointManager.save_async
+def killed(self, path, mode):  # thread upload: the training process dies while writing its shard
     if "w" in mode and "step-00000004" in str(path) and "distcp" in str(path):
-        os.kill(os.getpid(), signal.SIGKILL)  # the writer dies in the middle of its save
-    return real(self, path, mode)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_stream(self, path, mode)
+def killed_after_start(self, step, *a, **k):  # process upload: trainer and save process die as the save runs
+    out = real_async(self, step, *a, **k)
+    if step == 4:
+        os.killpg(0, signal.SIGKILL)
+    return out
 s.ArrowFileSystem.create_stream = killed
+m.CheckpointManager.save_async = killed_after_start
 from distgpt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_writer_killed_mid_save_leaves_previous_checkpoint(bucket, tiny_data, tmp_path):
-    root = bucket[0].format("killed")
+@pytest.mark.parametrize("upload", ["thread", "process"])
+def test_writer_killed_mid_save_leaves_previous_checkpoint(bucket, tiny_data, tmp_path, upload):
+    root = bucket[0].format(f"killed-{upload}")
     args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
             "--train.progress=false", f"--checkpoint.uri={root}", "--checkpoint.interval=2",
-            "--train.max_steps=6", "--train.eval_interval=0", "--cluster.launcher=local"]
+            "--train.max_steps=6", "--train.eval_interval=0", "--cluster.launcher=local",
+            f"--checkpoint.async_upload={upload}"]
     proc = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=REPO, env={**os.environ, **bucket[1]},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     mgr = CheckpointManager(root)
     assert [c.step for c in mgr.committed()] == [2]  # step 4 was started, never committed
