@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.tensor import DTensor
 
 from distgpt import storage
 from distgpt.checkpoint import ds_state
@@ -134,6 +137,15 @@ def _set_state_dicts(engine, msd: dict, osd: dict) -> None:
     set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=OPTIONS)
 
 
+def _local_bytes(value) -> int:
+    """Bytes this rank holds of a state-dict value (a DTensor's local shard)."""
+    if isinstance(value, dict | list | tuple):
+        return sum(_local_bytes(v) for v in (value.values() if isinstance(value, dict) else value))
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
 def _sha256(uri: str) -> tuple[int, str]:
     data = storage.read_bytes(uri)
     return len(data), hashlib.sha256(data).hexdigest()
@@ -210,6 +222,7 @@ class CheckpointManager:
         msd, osd = _state_dicts(engine)
         uri = self.uri(step)
         writer = ArrowWriter(uri)
+        self._check_shared_memory(msd, osd)
         kind = AsyncCheckpointerType.PROCESS if self.upload == "process" else AsyncCheckpointerType.THREAD
         resp = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group,
                               async_checkpointer_type=kind, async_stager=self._stager_for_save())
@@ -228,6 +241,20 @@ class CheckpointManager:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
+
+    def _check_shared_memory(self, *state: dict) -> None:
+        """The process upload stages the rank's state in /dev/shm; where that cannot hold it (containers often give
+        64 MiB), writing the snapshot would kill the process with SIGBUS — so use the thread upload, and say so."""
+        if self.upload != "process" or self._stager is not None or not os.path.isdir("/dev/shm"):
+            return
+        need = sum(_local_bytes(v) for sd in state for v in sd.values())
+        free = shutil.disk_usage("/dev/shm").free
+        if free < 1.1 * need:
+            warnings.warn(f"/dev/shm has {free / 2**20:.0f} MiB free, the checkpoint snapshot needs "
+                          f"{need / 2**20:.0f} MiB: uploading on a thread instead of a background process (give the "
+                          "container more shared memory, e.g. docker --shm-size, to upload from a process)",
+                          stacklevel=3)
+            self.upload = "thread"
 
     def _stager_for_save(self) -> DefaultStager:
         """One stager per manager: it keeps its host buffers (pinned on GPU; shared memory for the save process)

@@ -44,6 +44,21 @@ def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
     assert first.losses + second.losses == full.losses  # bit for bit
 
 
+def test_too_little_shared_memory_uploads_from_a_thread(tmp_path, tiny_data, monkeypatch):
+    from types import SimpleNamespace
+
+    from distgpt.checkpoint import manager
+
+    monkeypatch.setattr(manager.shutil, "disk_usage", lambda path: SimpleNamespace(total=64, used=63, free=1))
+    root = str(tmp_path / "ck")
+    with pytest.warns(UserWarning, match="/dev/shm has 0 MiB free.*uploading on a thread"):
+        t = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=2",
+                "--train.max_steps=2")
+        t.fit()
+    assert t.checkpoints.upload == "thread"
+    assert [c.step for c in CheckpointManager(root).committed()] == [2]
+
+
 def test_corrupt_shard_detected_and_fallback(bucket, tiny_data, tmp_path):
     root = bucket[0].format("corrupt")
     run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=2",
