@@ -145,8 +145,7 @@ def _repeat(trainer, uri: str, out: str, r: int, server: _MotoProcess | None) ->
             m = CheckpointManager(root, keep_last=10, upload=mode)
             row[f"{target}_{mode}_lost"], row[f"{target}_{mode}_waited"], cpu = async_stall(
                 trainer, m, 1000 * r + 10 * i + j, server if target == "s3" else None)
-            if (target, mode) == ("s3", "process"):
-                row["server_cpu"] = cpu
+            row["server_cpu"] = cpu if (target, mode) == ("s3", "process") else row.get("server_cpu", 0.0)
         row[f"{target}_blocking"] = _timed(CheckpointManager(root, keep_last=10).save, 1000 * r + 10 * i + 5,
                                            trainer.engine, _meta(trainer))
     return row

@@ -21,7 +21,6 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -172,8 +171,7 @@ class _Pending:
 class CheckpointManager:
     """Save / list / load / retain checkpoints under ``root``."""
 
-    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0,
-                 upload: Literal["process", "thread"] = "process"):
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, upload: str = "process"):
         self.root, self.keep_last, self.keep_every, self.upload = root, keep_last, keep_every, upload
         self.pending: _Pending | None = None
         self._stager: DefaultStager | None = None
@@ -205,7 +203,7 @@ class CheckpointManager:
             dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
 
         with_retries(write, f"saving {redact(uri)}")
-        self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()))
+        self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()), writer.fs.written)
         return f"{redact(uri)} saved in {time.perf_counter() - t0:.2f}s (blocking)"
 
     def save_async(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> float:
@@ -302,14 +300,14 @@ class CheckpointManager:
         except BaseException as e:  # a storage failure: the previous commit stays the latest
             raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
                                f"{redact_text(first_error(e))}") from None
-        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng)
+        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, read_checksums(p.uri, _dist()[0]))
         return (f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async; training "
                 f"waited {p.blocked * 1e3:.0f} ms for it)")
 
-    def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list) -> None:
+    def _commit(self, step: int, uri: str, meta: dict, tokenizer_json: str, rng: list,
+                written: dict[str, tuple[int, str]]) -> None:
         """Checksums (hashed while writing) from every rank, then the tokenizer and the manifest from rank 0."""
         rank, _ = _dist()
-        written = read_checksums(uri, rank)  # this rank's writer's side file, whichever process wrote the shards
         files = _gather({k: v for k, v in written.items() if k.startswith("__")})
         if rank == 0:
             merged = {k: v for part in files for k, v in part.items()}
