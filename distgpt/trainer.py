@@ -126,6 +126,11 @@ class Trainer:
         self.seq_len = self.train_set.seq_len
         self.step = 0
         self.checkpoint_stalls: list[float] = []
+        self.recent_records: list[dict] = []
+        """Metric records (rank 0) newer than the last committed checkpoint: each save carries them, so records a
+        crash kept from reaching the driver are not lost with the steps the checkpoint covers."""
+        self.replay: list[dict] = []
+        """The records the resumed-from checkpoint carried (a driver may not have seen them; it drops duplicates)."""
         self.checkpoints = self._checkpoint_manager()
 
     def _checkpoint_manager(self) -> CheckpointManager | None:
@@ -137,6 +142,7 @@ class Trainer:
             manifest = mgr.load(self.engine, fallback=c.fallback)
             self.step = manifest["step"]
             self.loader.load_state_dict(manifest["loader"])
+            self.replay = manifest.get("records", [])
             self.log(f"resumed from step {self.step} ({storage.redact(self.job.checkpoint_uri)}), saved under "
                      f"plan {manifest['plan_describe']}")
         return mgr if c.interval else None
@@ -145,7 +151,8 @@ class Trainer:
         """Collective: write this step's sharded checkpoint (manifest last); in the background if configured."""
         assert self.checkpoints is not None
         meta = {"plan": json.loads(self.plan.to_json()), "plan_describe": self.plan.describe(),
-                "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": public_dict(self.job)}
+                "model": self.gpt_cfg.to_dict(), "loader": self.loader.state_dict(), "job": public_dict(self.job),
+                "records": list(self.recent_records)}
         if not self.job.checkpoint.async_save:
             return self.checkpoints.save(self.step, self.engine, meta, self.tokenizer.to_json())
         stall = self.checkpoints.save_async(self.step, self.engine, meta, self.tokenizer.to_json())
@@ -186,6 +193,7 @@ class Trainer:
         done = self.checkpoints.poll()
         if done and self.is_logger:
             self._say(bar, f"checkpoint {done}")
+        self.recent_records = [r for r in self.recent_records if r["step"] > self.checkpoints.committed_step]
         requested = self.hooks is not None and self.hooks.checkpoint_due(self.step)
         if self.step % self.job.checkpoint.interval == 0 or requested:
             where = self.save_checkpoint()
@@ -245,7 +253,7 @@ class Trainer:
                     eval_time += time.perf_counter() - e0
                     result.val_losses[self.step] = val
                     if sink:
-                        sink.write({"step": self.step, "kind": "val", "loss": val})
+                        self._record(sink, {"step": self.step, "kind": "val", "loss": val})
                         self._say(bar, f"step {self.step}: val loss {val:.4f}")
             if self.checkpoints is not None:
                 done = self.checkpoints.wait()  # the last save is committed before the run reports success
@@ -275,6 +283,11 @@ class Trainer:
         ids = sample_ids(len(self.train_set), self.loader.seed, start, gb)
         return [start, zlib.crc32(ids.astype("int64").tobytes())]
 
+    def _record(self, sink: Sink, rec: dict) -> None:
+        sink.write(rec)
+        if self.checkpoints is not None:  # kept only until a checkpoint covers them
+            self.recent_records.append(rec)
+
     def _log_train(self, sink: MetricsSink, bar, result: TrainResult, norm: float, tokens: int, peak: float) -> None:
         t = self.job.train
         window = result.step_times[-t.log_interval :]
@@ -291,5 +304,5 @@ class Trainer:
             "tokens_seen": self.step * tokens,
             "samples": self._sample_digest(),
         }
-        sink.write(rec)
+        self._record(sink, rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)

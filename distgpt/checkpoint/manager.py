@@ -177,6 +177,8 @@ class CheckpointManager:
         self._stager: DefaultStager | None = None
         self._group = None  # background writes talk over their own group, never the training one
         self._hooked: set[int] = set()
+        self.committed_step = -1
+        """Step of the newest checkpoint this manager committed or loaded (-1: none yet)."""
 
     def uri(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -323,6 +325,7 @@ class CheckpointManager:
             self.retain()
         if dist.is_initialized():
             dist.barrier()
+        self.committed_step = step
 
     def retain(self) -> None:
         """Keep the last ``keep_last`` checkpoints (and every ``keep_every``-th step); delete the rest and any
@@ -369,6 +372,7 @@ class CheckpointManager:
         else:
             raise CheckpointError("no good checkpoint: " + "; ".join(errors))
         _set_state_dicts(engine, state["model"], state["optim"])
+        self.committed_step = manifest["step"]
         rank, world = _dist()
         if len(manifest["rng"]) == world:  # same world: every rank continues its own random stream
             torch.set_rng_state(torch.tensor(manifest["rng"][rank], dtype=torch.uint8))

@@ -84,6 +84,7 @@ class Controller:
     error: str = ""
     excluded: frozenset[str] = frozenset()
     _failure: Failure | None = None
+    _recorded: set[tuple[Any, Any]] = field(default_factory=set)  # (kind, step) of every record emitted
     _preempt: tuple[int, int, str] | None = None  # (checkpoint step, rank, node) of a pending preemption
 
     def emit(self, kind: str, **data: Any) -> None:
@@ -134,7 +135,7 @@ class Controller:
         assert self.group is not None
         st = self.group.poll()
         for r in st.records:
-            self.emit("record", record=r)
+            self._record(r)
         for line in st.logs:
             self.emit("log", line=line)
         self.watchdog.observe(st.step)
@@ -154,6 +155,16 @@ class Controller:
             self._fail(Failure(FailureKind.HANG, f"no step completed for {waited:.0f} s (watchdog)", st.step or 0))
         else:
             self._check_preemption()
+
+    def _record(self, r: dict) -> None:
+        """Pass a metric record on. A resumed rank 0 replays the records its checkpoint carried (the lost attempt
+        may have died before they were polled): those already emitted are dropped, the missing ones fill the gap.
+        Records of steps re-run after a failure are not replays and always pass (they belong to the final run)."""
+        key = (r.get("kind"), r.get("step"))
+        if r.pop("replayed", False) and key in self._recorded:
+            return
+        self._recorded.add(key)
+        self.emit("record", record=r)
 
     def _consume_fault(self, failure: Failure) -> None:
         """An armed kill or hang fired (one per attempt: the group dies with it): do not arm it again."""

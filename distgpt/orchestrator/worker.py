@@ -74,7 +74,10 @@ class TrainWorker:
         from distgpt.trainer import Trainer
 
         try:
-            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=_QueueSink(self.records), hooks=self)
+            sink = _QueueSink(self.records)
+            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self)
+            for rec in self.trainer.replay:  # records the lost attempt may not have delivered (the controller dedups)
+                sink.write({**rec, "replayed": True})
             self.state = "running"
             res = self.trainer.fit()
             shutdown_distributed()

@@ -42,6 +42,11 @@ def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
     assert resumed.step == 4 and resumed.loader.state_dict()["consumed"] == 4 * 8
     second = resumed.fit()
     assert first.losses + second.losses == full.losses  # bit for bit
+    # each checkpoint carries the metric records since the previous commit (a driver that lost them gets them back)
+    assert [r["step"] for r in resumed.replay] == [1, 2, 3, 4]
+    last = CheckpointManager(root).verify(CheckpointManager(root).committed()[-1])
+    assert [r["step"] for r in last["records"]] == [5, 6, 7, 8]
+    assert [r["loss"] for r in last["records"]] == second.losses
 
 
 def test_too_little_shared_memory_uploads_from_a_thread(tmp_path, tiny_data, monkeypatch):

@@ -72,6 +72,23 @@ def test_happy_path_plans_schedules_runs_and_finishes():
     assert [e["record"] for e in ctrl.events if e["kind"] == "record"] == [{"step": 0}]
 
 
+def test_records_a_lost_attempt_never_delivered_are_filled_in_from_the_checkpoints_replay():
+    """The first attempt delivered steps 1-2, then died with 3-4 still in the worker (covered by the checkpoint at
+    step 4). The resumed rank 0 replays 1-4 from that checkpoint: 3-4 fill the gap, 1-2 are dropped as duplicates;
+    re-run steps (5) pass even though the first attempt reported them too."""
+    rec = [{"step": i, "loss": 1.0 / i} for i in range(1, 7)]
+    died = status(5, records=[rec[4]], failure=Failure(FailureKind.WORKER_DIED, "rank 0 died", 5, (0,)))
+    replayed = [{**r, "replayed": True} for r in rec[:4]]
+    ctrl, _, _ = make([[status(2, records=rec[:2]), died],
+                       [status(4, records=replayed), status(6, records=[rec[4], rec[5]], done=True)]])
+    while ctrl.step() not in (State.FINISHED, State.FAILED):
+        pass
+    assert ctrl.state == State.FINISHED
+    got = [e["record"] for e in ctrl.events if e["kind"] == "record"]
+    assert [r["step"] for r in got] == [1, 2, 5, 3, 4, 5, 6]
+    assert all("replayed" not in r for r in got)
+
+
 def test_worker_death_restarts_with_the_same_plan_and_reports_recovery_time():
     clock = Clock()
     died = status(5, failure=Failure(FailureKind.WORKER_DIED, "rank 1: actor died", 5, (1,)))
