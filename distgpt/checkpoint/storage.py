@@ -144,7 +144,8 @@ class ArrowWriter(FileSystemWriter):
     """DCP writer to a pyarrow URI (one file per rank).
 
     Each rank's writer also leaves the sizes and checksums of its files in a small side file
-    (``checksums-rank<r>.json``, read back by ``read_checksums``): a save running in a background process cannot hand them back in memory."""
+    (``checksums-rank<r>.json``, read back by ``read_checksums``): a save running in a background process cannot
+    hand them back in memory."""
 
     def __init__(self, uri: str):
         super().__init__(uri, single_file_per_rank=True, sync_files=False)  # object stores commit on close
