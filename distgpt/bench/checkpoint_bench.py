@@ -98,16 +98,17 @@ def _report(med: dict, step_time: float, repeats: int, moto: bool) -> None:
         print(f"  {what}: {mb / med[ours]:8.1f} MiB/s vs raw pyarrow {'write' if what == 'save' else 'read '} "
               f"{mb / med[raw]:8.1f} MiB/s "
               f"→ {med[raw] / med[ours]:.2f}× (goal ≥ 0.8×)")
-    print("  training stall per save (goal: async < 5% of a step) — lost: steps during the save against as many "
-          "plain steps right after it; waited: the save call plus optimizer steps waiting for the snapshot")
+    print("  per save, against the step time — stall: training stopped (the save call, then optimizer steps waiting "
+          "for the snapshot; goal < 5%); slowdown: the steps run while the upload ran, against as many plain steps "
+          "right after it (the save's serialisation, hashing and upload share this machine's cores with training)")
     for target in ("s3", "local"):
         name = ("S3 server" if moto else "--uri") if target == "s3" else "local directory"
         for mode in ("process", "thread"):
             lost, waited = med[f"{target}_{mode}_lost"], med[f"{target}_{mode}_waited"]
-            print(f"    {name:15} async, {mode:7} upload: lost {lost * 1e3:6.0f} ms = {lost / step_time:6.1%}   "
-                  f"waited {waited * 1e3:5.0f} ms = {waited / step_time:5.1%}")
+            print(f"    {name:15} async, {mode:7} upload: stall {waited * 1e3:5.0f} ms = {waited / step_time:5.1%}   "
+                  f"slowdown {lost * 1e3:6.0f} ms = {lost / step_time:6.1%}")
         blocking = med[f"{target}_blocking"]
-        print(f"    {name:15} blocking save:         {blocking * 1e3:6.0f} ms = {blocking / step_time:6.1%}")
+        print(f"    {name:15} blocking save:         stall {blocking * 1e3:5.0f} ms = {blocking / step_time:5.1%}")
     if moto:
         print(f"    (the S3 server runs on this machine: it used {med['server_cpu']:.2f} CPU-s during one async "
               "upload, out of the same cores training uses)")
@@ -144,9 +145,9 @@ def _repeat(trainer, uri: str, out: str, r: int, server: _MotoProcess | None) ->
         for j, mode in enumerate(("process", "thread")):
             m = CheckpointManager(root, keep_last=10, upload=mode)
             row[f"{target}_{mode}_lost"], row[f"{target}_{mode}_waited"], cpu = async_stall(
-                trainer, m, 1000 * r + 10 * i + j, server if target == "s3" else None)
+                trainer, m, 1000 * r + 100 * i + 10 * j + 10, server if target == "s3" else None)
             row["server_cpu"] = cpu if (target, mode) == ("s3", "process") else row.get("server_cpu", 0.0)
-        row[f"{target}_blocking"] = _timed(CheckpointManager(root, keep_last=10).save, 1000 * r + 10 * i + 5,
+        row[f"{target}_blocking"] = _timed(CheckpointManager(root, keep_last=10).save, 1000 * r + 100 * i + 50,
                                            trainer.engine, _meta(trainer))
     return row
 

@@ -27,13 +27,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.tensor import DTensor
 
 from distgpt import storage
 from distgpt.checkpoint import ds_state
+from distgpt.checkpoint.snapshot import CpuSnapshotStager, on_cpu
 from distgpt.checkpoint.storage import (
     ArrowReader,
     ArrowWriter,
@@ -127,6 +128,22 @@ def _state_dicts(engine) -> tuple[dict, dict]:
     return msd, (_rename(osd, HEAD, EMB) if _head_alias(model) else osd)
 
 
+HYPER = "param_groups."
+
+
+def _stored_state(engine) -> tuple[dict, dict]:
+    """(the state a checkpoint stores, the optimizer hyper-parameters it leaves out).
+
+    The flattened optimizer state repeats its group's hyper-parameters (lr, betas, eps, weight decay and 7 flags)
+    for every parameter. They come from the job, which the manifest stores whole, and lr is recomputed from the
+    schedule at every step — yet stored they were 3/4 of DCP's items, each its own small pickle, and most of a
+    save's serialisation time. A load keeps the values the engine was built with (a checkpoint that has them
+    still loads: DCP reads only the keys asked for)."""
+    msd, osd = _state_dicts(engine)
+    hyper = {k: v for k, v in osd.items() if k.startswith(HYPER)}
+    return {"model": msd, "optim": {k: v for k, v in osd.items() if not k.startswith(HYPER)}}, hyper
+
+
 def _set_state_dicts(engine, msd: dict, osd: dict) -> None:
     """Load canonical state (read into ``_state_dicts``' templates) into ``engine``."""
     if _is_deepspeed(engine):
@@ -174,7 +191,7 @@ class CheckpointManager:
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, upload: str = "process"):
         self.root, self.keep_last, self.keep_every, self.upload = root, keep_last, keep_every, upload
         self.pending: _Pending | None = None
-        self._stager: DefaultStager | None = None
+        self._stager: AsyncStager | None = None
         self._group = None  # background writes talk over their own group, never the training one
         self._hooked: set[int] = set()
         self.committed_step = -1
@@ -197,12 +214,12 @@ class CheckpointManager:
         self.wait()
         uri = self.uri(step)
         t0 = time.perf_counter()
-        msd, osd = _state_dicts(engine)
+        state, _ = _stored_state(engine)
         writer = ArrowWriter(uri)
 
         def write():
             writer.fs.written.clear()
-            dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
+            dcp.save(state, storage_writer=writer)
 
         with_retries(write, f"saving {redact(uri)}")
         self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()), writer.fs.written)
@@ -221,13 +238,13 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._background_group()
         self._hook(engine)
-        msd, osd = _state_dicts(engine)
+        state, _ = _stored_state(engine)
         uri = self.uri(step)
         writer = ArrowWriter(uri)
-        self._check_shared_memory(msd, osd)
+        self._check_shared_memory(*state.values())
         kind = AsyncCheckpointerType.PROCESS if self.upload == "process" else AsyncCheckpointerType.THREAD
-        resp = dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=self._group,
-                              async_checkpointer_type=kind, async_stager=self._stager_for_save())
+        resp = dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                              async_checkpointer_type=kind, async_stager=self._stager_for_save(state))
         rng = _gather(torch.get_rng_state().tolist())
         self.pending = _Pending(step, uri, resp.upload_completion, resp.staging_completion, meta, tokenizer_json,
                                 rng, t0, time.perf_counter() - t0)
@@ -258,14 +275,17 @@ class CheckpointManager:
                           stacklevel=3)
             self.upload = "thread"
 
-    def _stager_for_save(self) -> DefaultStager:
-        """One stager per manager: it keeps its host buffers (pinned on GPU; shared memory for the save process)
-        and refills them at each save instead of allocating the state's size again."""
+    def _stager_for_save(self, state: dict) -> AsyncStager:
+        """One stager per manager: it keeps its host buffers (shared memory for the save process; pinned on a GPU)
+        and refills them at each save instead of allocating the state's size again. CPU state gets a stager that
+        copies without holding the GIL (see ``snapshot.py``); GPU state DCP's own."""
         if self._stager is None:
-            gpu = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=gpu, use_shared_memory=self.upload == "process", use_async_staging=True,
-                use_non_blocking_copy=gpu))
+            if on_cpu(state):
+                self._stager = CpuSnapshotStager(shared=self.upload == "process")
+            else:
+                self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_non_blocking_copy=True,
+                                                            use_shared_memory=self.upload == "process",
+                                                            use_async_staging=True))
         return self._stager
 
     def wait_staged(self) -> None:
@@ -386,8 +406,7 @@ class CheckpointManager:
         if storage.exists(storage.join(c.uri, ".metadata")) and \
                 _sha256(storage.join(c.uri, ".metadata")) != expected.get(".metadata"):
             raise CheckpointError(f"{redact(c.uri)}: file .metadata is corrupt (checksum mismatch)")
-        msd, osd = _state_dicts(engine)
-        state = {"model": msd, "optim": osd}
+        state, hyper = _stored_state(engine)
         reader = ArrowReader(c.uri)
         reader.fs.expected = expected
         try:
@@ -397,4 +416,5 @@ class CheckpointManager:
             missing = "not exist" in msg or "NotFound" in msg or "No such file" in msg
             raise CheckpointError(f"{redact(c.uri)}: {'a shard file is missing' if missing else redact_text(msg)}"
                                   ) from None
+        state["optim"].update(hyper)  # the engine's own hyper-parameters (see _stored_state)
         return manifest, state

@@ -49,6 +49,27 @@ def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
     assert [r["loss"] for r in last["records"]] == second.losses
 
 
+def test_a_checkpoint_that_stores_optimizer_hyper_parameters_still_resumes(tiny_data, tmp_path, monkeypatch):
+    """Checkpoints no longer store the optimizer's per-parameter hyper-parameters; older ones that do still load."""
+    from distgpt.checkpoint import manager
+    from distgpt.checkpoint.storage import ArrowReader
+
+    root = str(tmp_path / "ck")
+    full = run(tiny_data, tmp_path / "full").fit()
+    with monkeypatch.context() as m:
+        m.setattr(manager, "HYPER", "\0")  # matches no key: the earlier format, hyper-parameters included
+        first = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
+                    "--train.max_steps=4").fit()
+    keys = ArrowReader(CheckpointManager(root).uri(4)).read_metadata().state_dict_metadata
+    assert any(k.startswith("optim.param_groups.") for k in keys)
+    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4")
+    assert resumed.step == 4
+    assert first.losses + resumed.fit().losses == full.losses
+    keys = ArrowReader(CheckpointManager(root).uri(8)).read_metadata().state_dict_metadata
+    assert not any(k.startswith("optim.param_groups.") for k in keys)
+    assert any(k.startswith("optim.state.") for k in keys)
+
+
 def test_too_little_shared_memory_uploads_from_a_thread(tmp_path, tiny_data, monkeypatch):
     from types import SimpleNamespace
 
