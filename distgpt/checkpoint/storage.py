@@ -1,8 +1,9 @@
 """Checkpoint storage over ``pyarrow.fs``: a filesystem for ``torch.distributed.checkpoint`` (DCP), retries, preflight.
 
-DCP's own ``FileSystemWriter`` / ``FileSystemReader`` do the sharded writing and the resharding reads; they only need
-a small filesystem interface, which ``ArrowFileSystem`` provides for any pyarrow URI (s3://, gs://, file://, paths).
-Reads open random-access files, so each rank fetches only the byte ranges of the shards it needs.
+DCP's ``FileSystemWriter`` / ``FileSystemReader`` do the planning, metadata and resharding; they need a small
+filesystem interface, which ``ArrowFileSystem`` provides for any pyarrow URI (s3://, gs://, file://, paths). Items are
+stored as raw bytes (``records.py``). A rank fetches only the shard files holding what it needs, each in one request,
+and checks it against the manifest before using it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import TypeVar
 
 import pyarrow.fs as pafs
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemBase, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from distgpt import storage
+from distgpt.checkpoint import records
 from distgpt.storage import StorageError, redact
 
 T = TypeVar("T")
@@ -153,11 +156,15 @@ class ArrowWriter(FileSystemWriter):
         self.path = self.fs.init_path(uri)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        fut = super().write_data(plan, planner)
-        fut.wait()  # FileSystemWriter has written (and we have hashed) every file by the time it returns
-        rank = int(plan.storage_data.prefix.strip("_"))  # DCP names rank r's files "__r_<n>.distcp"
+        """Write this rank's items to its one file as raw bytes (``records.py``), then its checksums side file."""
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # DCP's name for rank r's first file: __r_0.distcp
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            results = records.write_items(stream, name, plan, planner)
+        rank = int(plan.storage_data.prefix.strip("_"))
         with self.fs.create_stream(self.fs.concat_path(self.path, _checksums_name(rank)), "wb") as f:
             f.write(json.dumps(self.fs.written).encode())
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
         return fut
 
     def __setstate__(self, state: dict) -> None:
@@ -178,12 +185,31 @@ def read_checksums(uri: str, rank: int) -> dict[str, tuple[int, str]]:
 
 
 class ArrowReader(FileSystemReader):
-    """DCP reader from a pyarrow URI."""
+    """DCP reader from a pyarrow URI: raw-bytes shards (``records.py``), or DCP's own ``torch.save`` records."""
 
     def __init__(self, uri: str):
         super().__init__(uri)
         self.fs = ArrowFileSystem()
         self.path = self.fs.init_path(uri)
+        self._metadata: Metadata | None = None
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._metadata = metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if not any(records.is_raw(self.storage_data[r.storage_index]) for r in plan.items):
+            return super().read_data(plan, planner)  # a checkpoint from before raw records
+        assert self._metadata is not None
+        per_file: dict[str, list] = {}
+        for req in plan.items:
+            per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+        for name, reqs in per_file.items():
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as stream:  # whole file, checked
+                records.read_items(stream.getbuffer(), reqs, self.storage_data, self._metadata, planner)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
 
 
 def preflight(uri: str) -> None:

@@ -49,25 +49,35 @@ def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
     assert [r["loss"] for r in last["records"]] == second.losses
 
 
-def test_a_checkpoint_that_stores_optimizer_hyper_parameters_still_resumes(tiny_data, tmp_path, monkeypatch):
-    """Checkpoints no longer store the optimizer's per-parameter hyper-parameters; older ones that do still load."""
+def test_a_checkpoint_in_the_earlier_format_still_resumes(tiny_data, tmp_path, monkeypatch):
+    """Checkpoints now hold raw tensor bytes and no per-parameter optimizer hyper-parameters; those written before
+    (DCP's torch.save records, hyper-parameters included) still load and continue with the same losses."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
     from distgpt.checkpoint import manager
-    from distgpt.checkpoint.storage import ArrowReader
+    from distgpt.checkpoint.storage import ArrowReader, ArrowWriter
+
+    def dcp_records(self, plan, planner):  # DCP's own writer: one torch.save archive per item
+        fut = FileSystemWriter.write_data(self, plan, planner)
+        fut.wait()
+        return fut
 
     root = str(tmp_path / "ck")
     full = run(tiny_data, tmp_path / "full").fit()
     with monkeypatch.context() as m:
-        m.setattr(manager, "HYPER", "\0")  # matches no key: the earlier format, hyper-parameters included
+        m.setattr(manager, "HYPER", "\0")  # matches no key: hyper-parameters stored, as before
+        m.setattr(ArrowWriter, "write_data", dcp_records)
         first = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
-                    "--train.max_steps=4").fit()
-    keys = ArrowReader(CheckpointManager(root).uri(4)).read_metadata().state_dict_metadata
-    assert any(k.startswith("optim.param_groups.") for k in keys)
+                    "--train.max_steps=4", "--checkpoint.async_save=false").fit()
+    old = ArrowReader(CheckpointManager(root).uri(4)).read_metadata()
+    assert any(k.startswith("optim.param_groups.") for k in old.state_dict_metadata)
+    assert not any(info.transform_descriptors for info in old.storage_data.values())
     resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4")
     assert resumed.step == 4
     assert first.losses + resumed.fit().losses == full.losses
-    keys = ArrowReader(CheckpointManager(root).uri(8)).read_metadata().state_dict_metadata
-    assert not any(k.startswith("optim.param_groups.") for k in keys)
-    assert any(k.startswith("optim.state.") for k in keys)
+    new = ArrowReader(CheckpointManager(root).uri(8)).read_metadata()
+    assert not any(k.startswith("optim.param_groups.") for k in new.state_dict_metadata)
+    assert all(info.transform_descriptors == ["distgpt-raw-v1"] for info in new.storage_data.values())
 
 
 def test_too_little_shared_memory_uploads_from_a_thread(tmp_path, tiny_data, monkeypatch):
