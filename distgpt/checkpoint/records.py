@@ -13,7 +13,6 @@ instead of misreading it. Checkpoints written before (``torch.save`` records) ar
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index  # what DCP's reader uses
@@ -68,8 +67,7 @@ def read_items(data: memoryview, reqs: list[ReadItem], storage_data: dict, metad
         if req.type == LoadItemType.BYTE_IO:
             planner.load_bytes(req, io.BytesIO(raw.tobytes()))
             continue
-        stored = _stored_chunk(req, metadata)
-        tensor = narrow_tensor_by_index(stored(raw), req.storage_offsets, req.lengths)
+        tensor = narrow_tensor_by_index(_stored_chunk(raw, req, metadata), req.storage_offsets, req.lengths)
         target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise AssertionError(f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
@@ -77,17 +75,11 @@ def read_items(data: memoryview, reqs: list[ReadItem], storage_data: dict, metad
         planner.commit_tensor(req, target)
 
 
-def _stored_chunk(req: ReadItem, metadata: Metadata) -> Callable[[memoryview], torch.Tensor]:
-    """A function turning the item's bytes into the stored chunk's tensor (dtype and shape from the metadata)."""
+def _stored_chunk(raw: memoryview, req: ReadItem, metadata: Metadata) -> torch.Tensor:
+    """The stored chunk ``req`` reads from, over its bytes (dtype and shape from DCP's metadata; no copy)."""
     md = metadata.state_dict_metadata[req.storage_index.fqn]
     assert isinstance(md, TensorStorageMetadata)
-    offsets = tuple(req.storage_index.offset)
-    chunk = next(c for c in md.chunks if tuple(c.offsets) == offsets)
-    dtype = md.properties.dtype
-
-    def tensor(raw: memoryview) -> torch.Tensor:
-        if raw.nbytes == 0:
-            return torch.empty(chunk.sizes, dtype=dtype)
-        return torch.frombuffer(raw, dtype=dtype).reshape(chunk.sizes)
-
-    return tensor
+    chunk = next(c for c in md.chunks if tuple(c.offsets) == tuple(req.storage_index.offset))
+    if raw.nbytes == 0:
+        return torch.empty(chunk.sizes, dtype=md.properties.dtype)
+    return torch.frombuffer(raw, dtype=md.properties.dtype).reshape(chunk.sizes)
