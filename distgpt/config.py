@@ -7,6 +7,7 @@ one ``ConfigError``; nothing is written before a config validates.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,16 @@ import tomllib
 from distgpt.config_schema import ConfigError, build
 from distgpt.model.config import GPTConfig
 from distgpt.model.presets import PRESETS, preset
+from distgpt.planner.cost import Workload
 from distgpt.planner.plan import Plan
+
+MOVED = {("train", "micro_batch_size"): ("plan", "micro_batch_size"), ("train", "dtype"): ("plan", "dtype")}
+"""Keys that moved (old section, key) → (new section, key): the Plan owns how a batch is cut and its precision.
+Job files that still set the old keys are migrated with a ``ConfigWarning``; errors name the key as written."""
+
+
+class ConfigWarning(UserWarning):
+    """A job file uses a key that has moved; it still works, and the warning says where the key lives now."""
 
 
 @dataclass
@@ -83,8 +93,6 @@ class TrainSection:
     """Optimizer steps to run."""
     global_batch_size: int = 32
     """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
-    micro_batch_size: int = 0
-    """Samples per forward/backward; the rest is gradient accumulation (0: the whole per-rank batch at once)."""
     lr: float = 6e-4
     """Peak learning rate (reached after warm-up)."""
     min_lr: float = 6e-5
@@ -97,8 +105,6 @@ class TrainSection:
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: fp32, or bf16 autocast with fp32 master weights."""
     eval_interval: int = 200
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_batches: int = 10
@@ -115,6 +121,16 @@ class TrainSection:
     """torch intra-op threads on CPU (0: torch's default)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', or 'cuda'."""
+
+
+@dataclass
+class ObjectiveSection:
+    """What training minimises: the objective says what a batch holds (tokens, targets, loss mask, weights) and
+    its loss. The engines shard, step and reduce whatever loss it defines."""
+
+    kind: str = "lm"
+    """'lm' (next-token prediction on every position), or 'package.module:Class' for your own objective (a
+    subclass of distgpt.train.objectives.Objective)."""
 
 
 @dataclass
@@ -184,6 +200,7 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     plan: Plan = field(default_factory=Plan)
     """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -208,6 +225,11 @@ class JobConfig:
     def seq_len(self) -> int:
         """Resolved tokens per sample."""
         return self.data.seq_len or self.gpt_config().block_size
+
+    def workload(self) -> Workload:
+        """What the planner needs of this job: model shape, global batch, sequence length, precision."""
+        vocab = self.model.vocab_size or (257 if self.data.tokenizer == "byte" else self.data.vocab_size)
+        return Workload(self.gpt_config(vocab), self.train.global_batch_size, self.seq_len, self.plan.dtype)
 
     def gpt_config(self, tokenizer_vocab: int | None = None) -> GPTConfig:
         """The model's GPTConfig: the preset, the overrides, and the tokenizer's vocabulary where vocab_size is 0."""
@@ -289,14 +311,48 @@ def _read_file(path: Path) -> dict[str, Any]:
 def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:  # type: ignore[assignment]
     """Load, override and validate a job. Raises ConfigError listing every problem."""
     source = str(path) if path else "defaults"
-    data = _read_file(Path(path)) if path else {}
-    data = _merge(data, parse_overrides(list(overrides)))
     problems: list[str] = []
+    moved: dict[str, str] = {}
+    data = _migrate(_read_file(Path(path)) if path else {}, source, problems, moved)
+    data = _merge(data, _migrate(parse_overrides(list(overrides)), "overrides", problems, moved))
     job = _build_job(data, problems)
     problems += validate(job)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([_as_written(p, moved) for p in problems], source)
     return job
+
+
+def _migrate(data: dict[str, Any], source: str, problems: list[str], moved: dict[str, str]) -> dict[str, Any]:
+    """Move keys of ``MOVED`` to their new section (one source — file or overrides — at a time, so an override of
+    an old key still beats the file's new key). Both keys given with different values is a problem."""
+    for (old_sec, key), (new_sec, new_key) in MOVED.items():
+        section = data.get(old_sec)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        old, new = f"{old_sec}.{key}", f"{new_sec}.{new_key}"
+        value = section.pop(key)
+        target = data.get(new_sec)
+        if target == "auto" or target is None:  # plan = "auto" shorthand: keep it, add the moved key beside it
+            target = {} if target is None else {"__auto__": True}
+        if not isinstance(target, dict):
+            continue  # the section's own type error is reported by the builder
+        if new_key in target and target[new_key] != value:
+            problems.append(f"{old}: {value!r} contradicts {new} = {target[new_key]!r} in {source} — {old} has "
+                            f"moved to {new}; keep only {new}")
+            continue
+        data[new_sec] = {**target, new_key: value}
+        moved[new] = old
+        warnings.warn(f"{source}: {old} is now {new} (the Plan owns the micro-batch and the precision) — read as "
+                      f"{new} = {value!r}; move it in the job file", ConfigWarning, stacklevel=3)
+    return data
+
+
+def _as_written(problem: str, moved: dict[str, str]) -> str:
+    """A problem about a moved key, named as the user wrote it (with where it lives now)."""
+    for new, old in moved.items():
+        if problem.startswith(f"{new}:"):
+            return f"{old}:{problem[len(new) + 1:]} ({old} is now {new})"
+    return problem
 
 
 def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
@@ -304,11 +360,16 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
     for key in data:
         if key not in known:
             problems.append(f"{key}: unknown section — sections are {', '.join(known)}")
-    if data.get("plan") == "auto":  # shorthand: plan = "auto" ≡ [cluster] plan = "auto"
-        data = {**data, "plan": {}, "cluster": {**data.get("cluster", {}), "plan": "auto"}}
+    plan = data.get("plan")
+    if plan == "auto" or (isinstance(plan, dict) and plan.pop("__auto__", False)):
+        # shorthand: plan = "auto" ≡ [cluster] plan = "auto" (keys moved into [plan] still apply: the planner
+        # keeps the job's precision)
+        plan = {} if plan == "auto" else plan
+        data = {**data, "plan": plan, "cluster": {**data.get("cluster", {}), "plan": "auto"}}
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-             "sample": SampleSection, "plan": Plan, "checkpoint": CheckpointSection, "cluster": ClusterSection}
+             "sample": SampleSection, "objective": ObjectiveSection, "plan": Plan, "checkpoint": CheckpointSection,
+             "cluster": ClusterSection}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -335,10 +396,6 @@ def validate(job: JobConfig) -> list[str]:
     if d.seq_len > gpt.block_size:
         p.append(f"data.seq_len: {d.seq_len} exceeds model.block_size {gpt.block_size} — lower data.seq_len "
                  f"or raise model.block_size")
-    micro_ok = t.micro_batch_size >= 0 and not (t.micro_batch_size and t.global_batch_size % t.micro_batch_size)
-    if not micro_ok:
-        p.append(f"train.micro_batch_size: {t.micro_batch_size} must divide train.global_batch_size "
-                 f"{t.global_batch_size} (or be 0 for no accumulation)")
     if t.lr <= 0 or not 0 <= t.min_lr <= t.lr:
         p.append(f"train.lr / train.min_lr: need 0 ≤ min_lr ≤ lr and lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
     if t.warmup_steps < 0 or t.eval_interval < 0 or t.weight_decay < 0 or t.grad_clip < 0:
@@ -354,8 +411,8 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"data.vocab_size: BPE needs at least 258 tokens, got {d.vocab_size}")
     if not d.sources:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
-    plan = job.plan.with_micro_batch(t.micro_batch_size if micro_ok else 0)  # a bad one is reported once, above
-    p += [f"plan.{msg}" for msg in plan.problems(gpt, None, t.global_batch_size)]
+    p += [f"plan.{msg}" for msg in job.plan.problems(gpt, None, t.global_batch_size)]
+    p += _objective_problems(job.objective)
     c = job.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
         p.append("checkpoint: need interval ≥ 0 (0: off), keep_last ≥ 1, keep_every ≥ 0")
@@ -363,6 +420,15 @@ def validate(job: JobConfig) -> list[str]:
     if job.sample.temperature < 0 or not 0 < job.sample.top_p <= 1 or job.sample.top_k < 0:
         p.append("sample: need temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0")
     return p
+
+
+def _objective_problems(o: ObjectiveSection) -> list[str]:
+    from distgpt.train.objectives import NAMES
+
+    if o.kind in NAMES or (":" in o.kind and all(part.strip() for part in o.kind.split(":", 1))):
+        return []
+    return [f"objective.kind: unknown objective {o.kind!r} — use one of {', '.join(NAMES)}, or "
+            f"'package.module:Class' for your own"]
 
 
 def _cluster_problems(c: ClusterSection) -> list[str]:

@@ -11,8 +11,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from distgpt.errors import DistgptError
 
-class ConfigError(ValueError):
+
+class ConfigError(DistgptError, ValueError):
     """One or more problems in a job configuration, each naming the key and the fix."""
 
     def __init__(self, problems: list[str], source: str = "job config"):

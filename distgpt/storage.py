@@ -3,17 +3,29 @@
 S3 settings come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_REGION``, ``AWS_ENDPOINT_URL``) or from URI query options (``?endpoint_override=127.0.0.1:9000&scheme=http``).
 Error messages name the URI without its query string, so credentials passed there never reach a log.
+
+The one storage module: URIs, whole-object reads and writes, listing, retries, redaction. Checkpoints add DCP's
+reader and writer on top of it (``checkpoint/dcp_io.py``).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+import re
+import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from distgpt.errors import DistgptError
 
-class StorageError(RuntimeError):
+T = TypeVar("T")
+
+
+class StorageError(DistgptError, RuntimeError):
     """A storage location cannot be used; the message says which and what to do."""
 
 
@@ -69,3 +81,53 @@ def exists(uri: str) -> bool:
     """Whether a file exists at ``uri``."""
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def redact_text(text: str) -> str:
+    """Drop query strings (endpoint options, possibly credentials) from URIs inside a message."""
+    return re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*", r"\1", text)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5,
+                 transient: tuple[type[BaseException], ...] = (OSError,),
+                 describe: Callable[[BaseException], str] = lambda e: f"{type(e).__name__}: {e}") -> T:
+    """Run ``fn``, retrying ``transient`` failures with exponential backoff (0.5 s, 1 s, 2 s …); a missing file is
+    not transient. After the last attempt: StorageError naming ``what`` and the redacted cause."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except transient as e:
+            if i == attempts - 1:
+                raise StorageError(f"{what} failed after {attempts} attempts: {redact_text(describe(e))}") from None
+            time.sleep(base_delay * 2**i)
+    raise AssertionError("unreachable")
+
+
+def preflight(uri: str) -> None:
+    """Write, read back and delete a probe object: fail at start-up, not after an hour of training."""
+    probe = join(uri, f".distgpt-probe-{os.getpid()}")
+    try:
+        with_retries(lambda: write_bytes(probe, b"ok"), f"writing to {redact(uri)}", attempts=2)
+        assert read_bytes(probe) == b"ok"
+        fs, path = resolve(probe)
+        fs.delete_file(path)
+    except (StorageError, OSError, AssertionError) as e:
+        raise StorageError(f"checkpoint location {redact(uri)} is not writable ({e}) — check the bucket or path "
+                           f"exists and the credentials allow writing") from None
+
+
+def list_dir(uri: str) -> list[pafs.FileInfo]:
+    """Entries directly under ``uri`` (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+
+
+def delete_dir(uri: str) -> None:
+    """Remove ``uri`` and everything under it."""
+    fs, path = resolve(uri)
+    fs.delete_dir(path)

@@ -20,7 +20,6 @@ import pyarrow.fs as pafs
 
 from distgpt import storage
 from distgpt.checkpoint.manager import CheckpointManager
-from distgpt.checkpoint.storage import list_dir
 
 
 class _MotoProcess:
@@ -117,7 +116,8 @@ def _report(med: dict, step_time: float, repeats: int, moto: bool) -> None:
 def _measure(job: str, overrides: list[str], uri: str, repeats: int, server: _MotoProcess | None):
     """(one row of figures per repeat, the median step time without checkpointing)."""
     from distgpt.config import load_job
-    from distgpt.trainer import Trainer, ensure_prepared
+    from distgpt.data.prepare import ensure_prepared
+    from distgpt.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         job_cfg = load_job(job, [*overrides, f"--run.out_dir={out}", "--train.progress=false",
@@ -135,7 +135,7 @@ def _repeat(trainer, uri: str, out: str, r: int, server: _MotoProcess | None) ->
     mgr = CheckpointManager(storage.join(uri, f"repeat-{r}"), keep_last=10)  # join keeps ?endpoint_override=…
     row = {"save_s": _timed(mgr.save, 100 + r, trainer.engine, _meta(trainer))}
     ck = mgr.uri(100 + r)
-    blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in list_dir(ck)
+    blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in storage.list_dir(ck)
              if f.base_name.startswith("__") or f.base_name == ".metadata"}
     row["load_s"] = _timed(mgr.load, trainer.engine)
     row["raw_write_s"], row["raw_read_s"] = raw_io(storage.join(uri, f"raw-{r}"), blobs)

@@ -145,7 +145,7 @@ def worker(out: str, job_path: str, overrides: list[str]) -> None:
 
 # The calibration configuration: smaller and shaped differently from what `bench plan-accuracy` evaluates, so that
 # accuracy is judged on plans the profile has not seen.
-CALIB = ["--train.global_batch_size=8", "--train.micro_batch_size=2", "--data.seq_len=64",
+CALIB = ["--train.global_batch_size=8", "--plan.micro_batch_size=2", "--data.seq_len=64",
          "--data.prepared=data/calibration", "--train.progress=false", "--train.tensorboard=false"]
 MECHANISMS = {
     "ddp": ["--plan.dp=2"], "fsdp": ["--plan.dp=2", "--plan.dp_engine='fsdp'"],
@@ -184,7 +184,7 @@ def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: i
     with tempfile.TemporaryDirectory() as tmp:
         for key, extra in MECHANISMS.items():
             # two micro-batch counts separate the cost paid per micro-batch from the cost paid once per step
-            points = [_mechanism_extra(job_path, [*overrides, *CALIB, *extra, f"--train.micro_batch_size={mb}"],
+            points = [_mechanism_extra(job_path, [*overrides, *CALIB, *extra, f"--plan.micro_batch_size={mb}"],
                                        devices, steps, tmp) for mb in (2, 4)]
             if any(isinstance(pt, str) for pt in points):
                 print(f"  calibration of {key} skipped: {next(pt for pt in points if isinstance(pt, str))}")
@@ -207,15 +207,15 @@ def _mechanism_extra(job_path: str, args: list[str], devices: dict, steps: int, 
     why it could not be measured."""
     from distgpt.bench.parallel_bench import launch
     from distgpt.config import load_job
+    from distgpt.data.prepare import ensure_prepared
     from distgpt.planner.cost import Workload
     from distgpt.planner.evaluate import predict
     from distgpt.planner.inventory import inventory_from_dict
-    from distgpt.trainer import ensure_prepared
 
     job = load_job(job_path, args)
     vocab = ensure_prepared(job, progress=lambda s: None)["tokenizer"]["vocab_size"]
     w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len, "fp32")
-    plan = job.plan.with_micro_batch(job.train.micro_batch_size)
+    plan = job.plan
     pred = predict(plan, w, inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]}), devices)
     got = launch(2, job_path, args, steps, False, tmp)
     if "error" in got or isinstance(pred, str):

@@ -59,7 +59,7 @@ def launch(nproc: int, job: str, extra: list[str], steps: int, plain: bool, out_
 def run(job: str, overrides: list[str], steps: int, json_out: str | None, only: list[str] | None) -> int:
     """Print the table; exit 0 (a strategy that fails is shown as failed, and the exit code becomes 1)."""
     from distgpt.config import load_job
-    from distgpt.trainer import ensure_prepared
+    from distgpt.data.prepare import ensure_prepared
 
     base = [*overrides, "--train.progress=false", "--train.tensorboard=false"]
     ensure_prepared(load_job(job, base))

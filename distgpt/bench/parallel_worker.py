@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from distgpt.config import load_job
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer
-from distgpt.model.gpt import GPT, lm_loss
+from distgpt.model.gpt import GPT
 from distgpt.parallel.mesh import init_distributed
+from distgpt.train.objectives.lm import lm_loss
 
 WARMUP = 3
 
@@ -74,7 +75,7 @@ def plain_ddp(job, steps: int) -> tuple[float, list]:
 
 def distgpt_plan(job, steps: int) -> tuple[float, list]:
     """The engine under test, through the Trainer's own step."""
-    from distgpt.trainer import Trainer
+    from distgpt.train.trainer import Trainer
 
     trainer = Trainer(job, log=lambda s: None)
     t0 = 0.0

@@ -51,8 +51,8 @@ def run_accuracy(job: str, overrides: list[str], profile: str, steps: int, n_pla
     """Predicted vs measured, for the planner's top plans on this machine's cores."""
     from distgpt.bench.hardware import speed_reference
     from distgpt.config import load_job
+    from distgpt.data.prepare import ensure_prepared
     from distgpt.planner.calibrate import device_models, load_measured, load_profile
-    from distgpt.trainer import ensure_prepared
 
     job_cfg = load_job(job, overrides)
     manifest = ensure_prepared(job_cfg)

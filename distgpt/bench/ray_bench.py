@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from distgpt.config import JobConfig, load_job
-from distgpt.trainer import ensure_prepared
+from distgpt.data.prepare import ensure_prepared
 
 
 def _records(out: str) -> list[dict]:
@@ -83,7 +83,8 @@ def _ray_train_loop(c: dict) -> None:
 
     from distgpt.data.loader import DataLoader, TokenDataset
     from distgpt.model.config import GPTConfig
-    from distgpt.model.gpt import GPT, lm_loss
+    from distgpt.model.gpt import GPT
+    from distgpt.train.objectives.lm import lm_loss
 
     ctx = train.get_context()
     torch.manual_seed(c["seed"])

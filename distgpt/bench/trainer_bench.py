@@ -17,8 +17,10 @@ import torch
 
 from distgpt.config import JobConfig, load_job
 from distgpt.data.loader import TokenDataset, sample_ids
-from distgpt.model.gpt import GPT, lm_loss
-from distgpt.trainer import Trainer, ensure_prepared
+from distgpt.data.prepare import ensure_prepared
+from distgpt.model.gpt import GPT
+from distgpt.train.objectives.lm import lm_loss
+from distgpt.train.trainer import Trainer
 
 WARMUP = 3  # steps excluded from timing in both loops (allocator and thread-pool warm-up)
 
@@ -32,7 +34,7 @@ def plain_loop(job: JobConfig, vocab: int, steps: int) -> float:
     torch.manual_seed(job.run.seed)
     model = GPT(job.gpt_config(vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    micro = t.micro_batch_size or t.global_batch_size
+    micro = job.plan.micro_batch_size or t.global_batch_size
     start = 0.0
     for i, batch in enumerate(batches):
         if i == WARMUP:

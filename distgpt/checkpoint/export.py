@@ -15,6 +15,7 @@ from safetensors.torch import save as st_save
 
 from distgpt import storage
 from distgpt.data.tokenizer import Tokenizer, tokenizer_from_json
+from distgpt.errors import DistgptError
 from distgpt.model.config import GPTConfig
 from distgpt.model.gpt import GPT
 
@@ -23,7 +24,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(DistgptError, ValueError):
     """A model directory is missing or damaged; the message names the file."""
 
 
@@ -69,3 +70,28 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
                             f"unexpected {unexpected})")
     tok = tokenizer_from_json(storage.read_bytes(storage.join(uri, TOKENIZER_FILE)).decode())
     return model.to(device).eval(), tok, meta
+
+
+def export_checkpoint(root: str, out: str, step: int | None = None) -> int:
+    """Consolidate a (verified) sharded checkpoint under ``root`` into one safetensors model directory ``out``;
+    returns its step. One process reads every shard it needs, so no process group is involved."""
+    import torch.distributed.checkpoint as dcp
+
+    from distgpt.checkpoint.dcp_io import ArrowReader
+    from distgpt.checkpoint.manager import CheckpointError, CheckpointManager
+
+    mgr = CheckpointManager(root)
+    done = [c for c in mgr.committed() if step is None or c.step == step]
+    if not done:
+        raise CheckpointError(f"no committed checkpoint{f' at step {step}' if step is not None else ''} under "
+                              f"{storage.redact(root)} — see `distgpt checkpoint ls`")
+    c = done[-1]
+    manifest = mgr.verify(c)
+    cfg = GPTConfig.from_dict(manifest["model"])
+    model = GPT(cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, storage_reader=ArrowReader(c.uri), no_dist=True)
+    model.load_state_dict(state["model"])
+    tok = tokenizer_from_json(storage.read_bytes(storage.join(c.uri, TOKENIZER_FILE)).decode())
+    save_model_dir(out, model, cfg, tok, {"step": c.step, "plan": manifest.get("plan"), "source": storage.redact(root)})
+    return c.step

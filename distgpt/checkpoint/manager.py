@@ -8,8 +8,8 @@ Layout under the checkpoint root (any pyarrow URI)::
 
 A checkpoint exists only once its manifest exists. Loading goes through DCP against the *current* engine's state
 dicts, so DTensor (FSDP2, TP) and pipeline-stage layouts are resharded on the fly and each rank reads only what it
-needs. DeepSpeed ZeRO engines are saved in the same layout (``ds_state.py``), so they reshard too, and so do
-interleaved pipelines (several chunks per rank, ``_Chunks``).
+needs. Every engine gives its state under the model's canonical parameter names (``parallel/naming.py``; DeepSpeed
+ZeRO partitions through ``parallel/ds_state.py``), so checkpoints of every Plan reshard into every other.
 """
 
 from __future__ import annotations
@@ -25,32 +25,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.tensor import DTensor
 
 from distgpt import storage
-from distgpt.checkpoint import ds_state
+from distgpt.checkpoint.dcp_io import ArrowReader, ArrowWriter, first_error, read_checksums, with_retries
 from distgpt.checkpoint.snapshot import CpuSnapshotStager, on_cpu
-from distgpt.checkpoint.storage import (
-    ArrowReader,
-    ArrowWriter,
-    delete_dir,
-    first_error,
-    list_dir,
-    read_checksums,
-    redact_text,
-    with_retries,
-)
-from distgpt.storage import StorageError, redact
+from distgpt.errors import DistgptError
+from distgpt.parallel.mesh import ensure_process_group
+from distgpt.storage import StorageError, delete_dir, list_dir, redact, redact_text
 
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DistgptError, RuntimeError):
     """A checkpoint cannot be loaded (missing, corrupt, or incompatible); the message says which and what to do."""
 
 
@@ -60,6 +50,35 @@ class Committed:
 
     step: int
     uri: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One step directory under a checkpoint root, as ``distgpt checkpoint ls`` shows it."""
+
+    step: int
+    bytes: int
+    status: str
+    """'committed' (its manifest exists) or 'partial' (an unfinished save: it does not exist for loading)."""
+    plan: str = ""
+    saved: float = 0.0
+    """Unix time of the commit (0 for a partial one)."""
+
+
+def list_checkpoints(root: str) -> list[Listed]:
+    """Every step directory under ``root`` with its size and status, oldest first."""
+    rows = []
+    for info in list_dir(root):
+        if not info.base_name.startswith("step-"):
+            continue
+        uri = storage.join(root, info.base_name)
+        files = list_dir(uri)
+        row = Listed(int(info.base_name[5:]), sum(f.size or 0 for f in files), "partial")
+        if any(f.base_name == MANIFEST for f in files):
+            m = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+            row = Listed(row.step, row.bytes, "committed", m.get("plan_describe", ""), m["saved_unix"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.step)
 
 
 def _dist() -> tuple[int, int]:
@@ -75,59 +94,6 @@ def _gather(obj):
     return out
 
 
-def _is_deepspeed(engine) -> bool:
-    from distgpt.parallel.dp import DeepSpeedEngine
-
-    return isinstance(engine, DeepSpeedEngine)
-
-
-class _Chunks(nn.Module):
-    """The model chunks one rank holds under an interleaved pipeline, seen as one model. Blocks are keyed by global
-    layer index and each end (embedding, final norm, head) appears once, so parameter names are the whole model's —
-    the same as under every other Plan, which is what lets these checkpoints reshard. The chunks' modules are shared,
-    not copied: the optimizer's parameters are this container's."""
-
-    def __init__(self, chunks: list[nn.Module]):
-        super().__init__()
-        roots = [c.module if isinstance(c, nn.parallel.DistributedDataParallel) else c for c in chunks]
-        self.cfg = roots[0].cfg
-        self.layers = nn.ModuleDict({k: v for r in roots for k, v in r.layers.items()})
-        for name in ("tok_emb", "pos_emb", "norm", "lm_head"):
-            owner = next((getattr(r, name) for r in roots if getattr(r, name, None) is not None), None)
-            setattr(self, name, owner)
-
-
-def _state_target(engine):
-    """(module whose FQNs are the whole model's, optimizer) for DCP's state-dict helpers."""
-    if len(engine.modules) != 1:
-        return _Chunks(engine.modules), engine.optimizer
-    return engine.modules[0], engine.optimizer
-
-
-# Optimizer state keyed by parameter FQN (not by position), so it reshards across pipeline stages (as torchtitan).
-OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-HEAD, EMB = "lm_head.weight.", "tok_emb.weight."
-
-
-def _head_alias(model) -> bool:
-    """A pipeline's last stage holds a tied head without the embedding: its optimizer state is the embedding's."""
-    return (getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
-            and getattr(model, "tok_emb", 1) is None and getattr(model, "lm_head", None) is not None)
-
-
-def _rename(osd: dict, old: str, new: str) -> dict:
-    return {k.replace(old, new): v for k, v in osd.items()}
-
-
-def _state_dicts(engine) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts in the checkpoint's canonical naming."""
-    if _is_deepspeed(engine):
-        return ds_state.state_dicts(engine)
-    model, optim = _state_target(engine)
-    msd, osd = get_state_dict(model, optim, options=OPTIONS)
-    return msd, (_rename(osd, HEAD, EMB) if _head_alias(model) else osd)
-
-
 HYPER = "param_groups."
 
 
@@ -139,19 +105,9 @@ def _stored_state(engine) -> tuple[dict, dict]:
     schedule at every step — yet stored they were 3/4 of DCP's items, each its own small pickle, and most of a
     save's serialisation time. A load keeps the values the engine was built with (a checkpoint that has them
     still loads: DCP reads only the keys asked for)."""
-    msd, osd = _state_dicts(engine)
+    msd, osd = engine.state_dicts()
     hyper = {k: v for k, v in osd.items() if k.startswith(HYPER)}
     return {"model": msd, "optim": {k: v for k, v in osd.items() if not k.startswith(HYPER)}}, hyper
-
-
-def _set_state_dicts(engine, msd: dict, osd: dict) -> None:
-    """Load canonical state (read into ``_state_dicts``' templates) into ``engine``."""
-    if _is_deepspeed(engine):
-        ds_state.load_state_dicts(engine, msd, osd)
-        return
-    model, optim = _state_target(engine)
-    osd = _rename(osd, EMB, HEAD) if _head_alias(model) else osd
-    set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=OPTIONS)
 
 
 def _local_bytes(value) -> int:
@@ -253,11 +209,7 @@ class CheckpointManager:
     def _background_group(self) -> None:
         """A gloo group of all ranks for the background saves' own collectives (never the training group). DCP's
         save process needs a process group even for one rank, so a one-rank run gets one, on loopback."""
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if os.environ["MASTER_ADDR"].startswith("127."):
-                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the save process inherits it
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        ensure_process_group()
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
 
@@ -297,8 +249,7 @@ class CheckpointManager:
 
     def _hook(self, engine) -> None:
         """Make every optimizer step of ``engine`` wait for the snapshot first (registered once per optimizer)."""
-        opt = engine.optimizer
-        opt = opt.optimizer if _is_deepspeed(engine) else opt  # DeepSpeed steps a torch optimizer inside ZeRO's
+        opt = engine.base_optimizer  # under DeepSpeed, the torch optimizer inside ZeRO's
         if id(opt) not in self._hooked:
             opt.register_step_pre_hook(lambda *_: self.wait_staged())
             self._hooked.add(id(opt))
@@ -391,7 +342,7 @@ class CheckpointManager:
                     raise
         else:
             raise CheckpointError("no good checkpoint: " + "; ".join(errors))
-        _set_state_dicts(engine, state["model"], state["optim"])
+        engine.load_state_dicts(state["model"], state["optim"])
         self.committed_step = manifest["step"]
         rank, world = _dist()
         if len(manifest["rng"]) == world:  # same world: every rank continues its own random stream

@@ -22,9 +22,10 @@ import torch
 from distgpt import storage
 from distgpt.data.prepare import FORMAT, MANIFEST
 from distgpt.data.tokenizer import Tokenizer, tokenizer_from_json
+from distgpt.errors import DistgptError
 
 
-class DatasetError(ValueError):
+class DatasetError(DistgptError, ValueError):
     """A prepared dataset is missing or unusable; the message says how to fix it."""
 
 
@@ -102,13 +103,6 @@ def sample_ids(n: int, seed: int, start: int, count: int, shuffle: bool = True) 
     return out
 
 
-def even_shares(global_batch: int, dp: int) -> list[int]:
-    """Equal per-rank shares of a global batch (an error if it does not divide)."""
-    if global_batch % dp:
-        raise ValueError(f"global batch {global_batch} does not divide evenly over {dp} data-parallel ranks")
-    return [global_batch // dp] * dp
-
-
 class DataLoader:
     """Yields this rank's (inputs, targets) for each step; state is (seed, consumed global samples)."""
 
@@ -140,9 +134,14 @@ class DataLoader:
         self.consumed += self.global_batch
         return ids
 
+    def next_columns(self) -> dict[str, torch.Tensor]:
+        """This rank's rows for the next step, by column: ``tokens`` is (share, seq_len + 1) int64 (inputs and
+        shifted targets); an objective turns the columns into its batch."""
+        return {"tokens": self.dataset.take(self.next_ids())}
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (share, seq_len) int64."""
-        s = self.dataset.take(self.next_ids())
+        """(inputs, targets), each (share, seq_len) int64 — for hand-written reference loops."""
+        s = self.next_columns()["tokens"]
         return s[:, :-1].contiguous(), s[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, int]:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from distgpt import storage
 from distgpt.data.sources import SourceFile, expand_sources, read_documents
 from distgpt.data.tokenizer import Tokenizer, train_tokenizer
+from distgpt.errors import DistgptError
 
 MANIFEST = "manifest.json"
 FORMAT = "distgpt-data/1"
@@ -49,7 +50,7 @@ class PrepareSpec:
     tokenizer_train_bytes: int = 50_000_000  # BPE merges are learned from at most this much text
 
 
-class PrepareError(ValueError):
+class PrepareError(DistgptError, ValueError):
     """The corpus cannot become a dataset as asked; the message says why and what to change."""
 
 
@@ -154,3 +155,27 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
         f"{spec.seq_len + 1} tokens in {time.perf_counter() - t0:.1f}s → {storage.redact(spec.out)}"
     )
     return manifest
+
+
+def spec_for(job, out: str | None = None) -> PrepareSpec:
+    """The PrepareSpec of a job's [data] section (written to ``out``, default the job's prepared directory)."""
+    d = job.data
+    return PrepareSpec(tuple(d.sources), out or job.prepared_dir, d.tokenizer, d.vocab_size, job.seq_len,
+                       d.val_fraction, d.text_field, d.max_bytes, d.shard_samples)
+
+
+def prepare_job(job, out: str | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Tokenize and shard a job's corpus (``distgpt data prepare``); returns the manifest."""
+    return prepare(spec_for(job, out), progress)
+
+
+def ensure_prepared(job, progress: Callable[[str], None] = print) -> dict:
+    """The manifest of the job's prepared dataset, preparing it first when none exists (or its seq_len differs)."""
+    uri = job.prepared_dir
+    if storage.exists(storage.join(uri, MANIFEST)):
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+        if manifest.get("seq_len") == job.seq_len:
+            return manifest
+        progress(f"prepared data at {storage.redact(uri)} has seq_len {manifest.get('seq_len')}, job wants "
+                 f"{job.seq_len}: re-preparing")
+    return prepare_job(job, progress=progress)

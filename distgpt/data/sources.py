@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distgpt.errors import DistgptError
 from distgpt.storage import StorageError, redact, resolve
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -27,7 +28,7 @@ _STDLIB_SKIP = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(DistgptError, ValueError):
     """An input file cannot be read as the job says; the message names the file and the fix."""
 
 

@@ -212,7 +212,3 @@ class GPT(nn.Module):
             h = self.lm_head(h)
         return h
 
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all positions; computed in fp32 for stability under bf16 autocast."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from distgpt.config import JobConfig
 from distgpt.orchestrator.controller import Controller, StartError
 from distgpt.orchestrator.inventory import ray_nodes
 from distgpt.orchestrator.placement import PlacementTimeout
 from distgpt.orchestrator.planning import plan_for
+from distgpt.orchestrator.status import Event, Placement, PlacementEvent, RecoveryReport, RunSummary
 from distgpt.orchestrator.worker_group import WorkerGroup
 from distgpt.planner.plan import Plan
 from distgpt.recovery.faults import parse_faults
@@ -22,7 +21,7 @@ class ControllerActor:
     def __init__(self, job: JobConfig, plan: Plan, name: str):
         c = job.cluster
         self.job, self.name, self.attempt = job, name, 0
-        self.placements: list[dict] = []
+        self.placements: list[Placement] = []
         self.ctrl = Controller(
             make_group=self._make_group,
             replan=lambda excluded: plan_for(job, ray_nodes(c.cpus_per_worker, excluded)),
@@ -43,9 +42,9 @@ class ControllerActor:
         where = {}
         for rank, node in sorted(group.nodes.items()):
             where.setdefault(node[:12], []).append(rank)
-        self.placements.append({"attempt": self.attempt, "plan": plan.to_json(), "nodes": dict(group.nodes)})
-        self.ctrl.emit("placement", attempt=self.attempt, plan=plan.describe(), nodes=group.nodes,
-                       summary="; ".join(f"node {n}: ranks {r}" for n, r in where.items()))
+        self.placements.append(Placement(self.attempt, plan.to_json(), dict(group.nodes)))
+        self.ctrl.emit(PlacementEvent(self.attempt, plan.describe(), dict(group.nodes),
+                                      "; ".join(f"node {n}: ranks {r}" for n, r in where.items())))
         return group
 
     def _committed_step(self) -> int:
@@ -56,26 +55,26 @@ class ControllerActor:
         done = CheckpointManager(self.job.checkpoint_uri).committed()
         return done[-1].step if done else -1
 
-    def run(self) -> dict[str, Any]:
-        """Drive the run to its end; return the outcome (state, error, result, recoveries)."""
+    def run(self) -> RunSummary:
+        """Drive the run to its end; return the outcome (state, error, result, placements, recoveries)."""
         try:
             self.ctrl.run()
         except Exception as e:  # a controller bug must still end the run visibly, with the workers gone
             self.ctrl.error = f"controller error: {type(e).__name__}: {e}"
             if self.ctrl.group is not None:
                 self.ctrl.group.shutdown()
-            return self.summary() | {"state": "failed"}
+            return self.summary("failed")
         return self.summary()
 
-    def events(self, since: int) -> list[dict]:
+    def events(self, since: int) -> list[Event]:
         """Events from index ``since`` on."""
         return self.ctrl.events[since:]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, state: str | None = None) -> RunSummary:
+        """The run's outcome so far."""
         c = self.ctrl
-        return {"state": c.state.value, "error": c.error, "result": c.result,
-                "plan": c.plan.to_json() if c.plan else None, "placements": self.placements,
-                "recoveries": [{"cause": r.failure.kind.value, "detail": r.failure.detail, "step": r.failure.step,
-                                "decision": r.decision.value, "plan_after": r.plan_after,
-                                "recovery_s": (r.resumed_at - r.detected_at) if r.resumed_at else None}
-                               for r in c.recoveries]}
+        recoveries = [RecoveryReport(r.failure.kind.value, r.failure.detail, r.failure.step, r.decision.value,
+                                     r.plan_after, (r.resumed_at - r.detected_at) if r.resumed_at else None)
+                      for r in c.recoveries]
+        return RunSummary(state or c.state.value, c.error, c.result, c.plan.to_json() if c.plan else None,
+                          list(self.placements), recoveries)

@@ -5,19 +5,31 @@
                   └─ RECOVERING ┘ → policy: RESTART (same Plan) | REPLAN (planner on what is left) | RAISE → FAILED
 
 Everything with side effects comes in from outside — a worker-group factory, a planner, a clock — so tests step it one
-iteration at a time with fakes (``tests/unit/test_controller.py``); ``actor.py`` runs it inside a Ray actor.
+iteration at a time with fakes (``tests/unit/test_controller.py``); ``actor.py`` runs it inside a Ray actor. It talks
+in the typed records of ``status.py`` and reaches fault drills through one hook (``drills.ControllerDrills``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from distgpt.orchestrator.drills import ControllerDrills, Notice
+from distgpt.orchestrator.status import (
+    Event,
+    GroupStatus,
+    LogEvent,
+    RecordEvent,
+    RecoveryEvent,
+    ResumedEvent,
+    StateEvent,
+)
 from distgpt.planner.plan import Plan
-from distgpt.recovery.faults import WORKER_FAULTS, Fault
+from distgpt.recovery.faults import Fault
 from distgpt.recovery.policy import Decision, Failure, FailureKind, FailurePolicy
 from distgpt.recovery.watchdog import Watchdog
 
@@ -37,7 +49,7 @@ class Group(Protocol):
     plan: Plan
     nodes: dict[int, str]
 
-    def poll(self) -> Any: ...
+    def poll(self) -> GroupStatus: ...
 
     def arm(self, faults: list[Fault]) -> None: ...
 
@@ -78,22 +90,26 @@ class Controller:
     clock: Callable[[], float] = time.monotonic
     state: State = State.PLANNING
     group: Group | None = None
-    events: list[dict] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
     result: dict | None = None
     error: str = ""
     excluded: frozenset[str] = frozenset()
     _failure: Failure | None = None
     _recorded: set[tuple[Any, Any]] = field(default_factory=set)  # (kind, step) of every record emitted
-    _preempt: tuple[int, int, str] | None = None  # (checkpoint step, rank, node) of a pending preemption
+    _preempt: Notice | None = None  # a pending preemption notice
+    drills: ControllerDrills = field(init=False)
 
-    def emit(self, kind: str, **data: Any) -> None:
-        """Append an event for the driver (records, logs, state changes, recoveries)."""
-        self.events.append({"kind": kind, "time": time.time(), **data})
+    def __post_init__(self) -> None:
+        self.drills = ControllerDrills(self.faults)  # shares the list: ``faults`` shows what is still to fire
+
+    def emit(self, event: Event) -> None:
+        """Append an event for the driver (records, logs, state changes, recoveries), stamped with the time."""
+        self.events.append(dataclasses.replace(event, time=time.time()))
 
     def _to(self, state: State, why: str = "") -> None:
         self.state = state
-        self.emit("state", state=state.value, detail=why)
+        self.emit(StateEvent(state.value, why))
 
     def step(self) -> State:
         """One iteration of the state machine."""
@@ -126,9 +142,7 @@ class Controller:
             self._fail(Failure(FailureKind.START_FAILED, f"{type(e).__name__}: {e}"))
             return
         self.watchdog.reset()
-        armed = [f for f in self.faults if f.kind in WORKER_FAULTS]
-        if armed:
-            self.group.arm(armed)
+        self.drills.arm(self.group)
         self._to(State.RUNNING, f"{self.plan.world_size} workers on {len(set(self.group.nodes.values()))} nodes")
 
     def _run(self) -> None:
@@ -137,13 +151,13 @@ class Controller:
         for r in st.records:
             self._record(r)
         for line in st.logs:
-            self.emit("log", line=line)
+            self.emit(LogEvent(line))
         self.watchdog.observe(st.step)
         if st.step is not None and self.recoveries and self.recoveries[-1].resumed_at is None \
                 and self.watchdog.started:
             rec = self.recoveries[-1]
             rec.resumed_at = self.clock()
-            self.emit("resumed", step=st.step, seconds=rec.resumed_at - rec.detected_at)
+            self.emit(ResumedEvent(st.step, rec.resumed_at - rec.detected_at))
         if st.failure is not None:
             self._fail(st.failure)
         elif st.done:
@@ -164,14 +178,7 @@ class Controller:
         if r.pop("replayed", False) and key in self._recorded:
             return
         self._recorded.add(key)
-        self.emit("record", record=r)
-
-    def _consume_fault(self, failure: Failure) -> None:
-        """An armed kill or hang fired (one per attempt: the group dies with it): do not arm it again."""
-        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang"}.get(failure.kind)
-        fired = next((f for f in self.faults if f.kind == kind), None)
-        if fired is not None:
-            self.faults.remove(fired)
+        self.emit(RecordEvent(r))
 
     def preempt(self, rank: int, step: int) -> None:
         """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the
@@ -183,19 +190,18 @@ class Controller:
     def _check_preemption(self) -> None:
         """Once the checkpoint a preemption asked for is committed, the node may go: fail over without it."""
         assert self.group is not None
-        drill = next((f for f in self.faults if f.kind == "preempt"), None)
+        drill = self.drills.preemption(self.group.nodes)
         if self._preempt is None and drill is not None:
-            self._preempt = (drill.step, drill.rank, self.group.nodes.get(drill.rank, ""))
+            self._preempt = drill
         if self._preempt and self.committed_step() >= self._preempt[0]:
-            if drill is not None:
-                self.faults.remove(drill)
+            self.drills.preempted()
             at, rank, node = self._preempt
             self._preempt = None
             self._fail(Failure(FailureKind.PREEMPTED, f"rank {rank}: node {node[:12]} preempted (checkpointed at "
                                                       f"step {at})", at, (rank,), (node,) if node else ()))
 
     def _fail(self, failure: Failure) -> None:
-        self._consume_fault(failure)
+        self.drills.fired(failure)
         self._preempt = None
         self._failure = failure
         self.recoveries.append(Recovery(failure, Decision.RAISE, self.clock()))
@@ -224,6 +230,6 @@ class Controller:
                 return
         assert self.plan is not None
         rec.plan_after = self.plan.describe()
-        self.emit("recovery", cause=failure.kind.value, detail=failure.detail, step=failure.step,
-                  decision=rec.decision.value, plan=rec.plan_after, attempt=len(self.policy.seen))
+        self.emit(RecoveryEvent(failure.kind.value, failure.detail, failure.step, rec.decision.value, rec.plan_after,
+                                len(self.policy.seen)))
         self._to(State.SCHEDULING, rec.decision.value)

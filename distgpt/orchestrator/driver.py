@@ -10,20 +10,30 @@ import dataclasses
 import os
 import socket
 import time
-from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distgpt.config import JobConfig
-from distgpt.metrics import MetricsSink, progress_bar
+from distgpt.errors import RunFailed
 from distgpt.orchestrator.actor import ControllerActor
 from distgpt.orchestrator.inventory import ray_nodes, to_inventory
 from distgpt.orchestrator.planning import plan_for
+from distgpt.orchestrator.status import (
+    Event,
+    LogEvent,
+    PlacementEvent,
+    RecordEvent,
+    RecoveryEvent,
+    ResumedEvent,
+    RunSummary,
+    StateEvent,
+)
 from distgpt.planner.plan import Plan
+from distgpt.train.metrics import MetricsSink, progress_bar
 
 
-class OrchestrationError(RuntimeError):
+class OrchestrationError(RunFailed, RuntimeError):
     """The run failed on the cluster; the message gives the cause and what was tried."""
 
 
@@ -88,10 +98,10 @@ def choose_plan(job: JobConfig, plan: Plan | None, log=print) -> Plan:
     if plan is None and job.cluster.plan == "auto":
         plan = plan_for(job, nodes)
         log(f"planner chose: {plan.describe()}")
-    return plan or job.plan.with_micro_batch(job.train.micro_batch_size)
+    return plan or job.plan
 
 
-def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> dict[str, Any]:
+def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
     job = _absolute(job)
@@ -108,12 +118,12 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
         summary = _stream(actor, done, job, log)
     finally:
         ray.kill(actor)  # workers and placement groups are gone already; the controller goes too
-    if summary["state"] != "finished":
-        raise OrchestrationError(f"run {job.run.name} failed: {summary['error']}")
+    if summary.state != "finished":
+        raise OrchestrationError(f"run {job.run.name} failed: {summary.error}")
     return summary
 
 
-def _stream(actor, done, job: JobConfig, log) -> dict[str, Any]:
+def _stream(actor, done, job: JobConfig, log) -> RunSummary:
     """Follow the controller's events until ``done``: records → metrics files and the bar, the rest → log lines."""
     sink = MetricsSink(job.out_dir, job.train.tensorboard)
     bar = progress_bar(job.train.max_steps, 0, True)
@@ -131,27 +141,26 @@ def _stream(actor, done, job: JobConfig, log) -> dict[str, Any]:
         sink.close()
 
 
-def _show(e: dict, sink: MetricsSink, bar) -> None:
-    kind = e["kind"]
-    if kind == "record":
-        rec = e["record"]
-        sink.write({k: v for k, v in rec.items() if k != "time"})
-        if rec.get("kind") is None and "loss" in rec:
-            bar.n = rec["step"]
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}",
-                            mem=f"{rec.get('mem_gb', 0):.2f}G", refresh=False)
-            bar.refresh()
-    elif kind == "log":
-        bar.write(e["line"])
-    elif kind == "state":
-        bar.write(f"[controller] {e['state']}{': ' + e['detail'] if e['detail'] else ''}")
-    elif kind == "placement":
-        bar.write(f"[placement] attempt {e['attempt']}: {e['plan']} — {e['summary']}")
-    elif kind == "recovery":
-        bar.write(f"[recovery] {e['cause']} at step {e['step']} ({e['detail'].splitlines()[0]}) → {e['decision']}; "
-                  f"plan {e['plan']}")
-        sink.write({"step": e["step"], "kind": "recovery", **{k: e[k] for k in ("cause", "decision", "plan")}})
-    elif kind == "resumed":
-        bar.write(f"[recovery] resumed: step {e['step']} completed {e['seconds']:.1f} s after the failure")
-        sink.write({"step": e["step"], "kind": "resumed", "recovery_s": e["seconds"]})
-
+def _show(e: Event, sink: MetricsSink, bar) -> None:
+    """One controller event on the terminal and, for records and recoveries, in metrics.jsonl / TensorBoard."""
+    match e:
+        case RecordEvent(record=rec):
+            sink.write({k: v for k, v in rec.items() if k != "time"})
+            if rec.get("kind") is None and "loss" in rec:
+                bar.n = rec["step"]
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}",
+                                mem=f"{rec.get('mem_gb', 0):.2f}G", refresh=False)
+                bar.refresh()
+        case LogEvent(line=line):
+            bar.write(line)
+        case StateEvent(state=state, detail=detail):
+            bar.write(f"[controller] {state}{': ' + detail if detail else ''}")
+        case PlacementEvent():
+            bar.write(f"[placement] attempt {e.attempt}: {e.plan} — {e.summary}")
+        case RecoveryEvent():
+            bar.write(f"[recovery] {e.cause} at step {e.step} ({e.detail.splitlines()[0]}) → {e.decision}; "
+                      f"plan {e.plan}")
+            sink.write({"step": e.step, "kind": "recovery", "cause": e.cause, "decision": e.decision, "plan": e.plan})
+        case ResumedEvent():
+            bar.write(f"[recovery] resumed: step {e.step} completed {e.seconds:.1f} s after the failure")
+            sink.write({"step": e.step, "kind": "resumed", "recovery_s": e.seconds})

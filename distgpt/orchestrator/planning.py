@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from distgpt.config import JobConfig
+from distgpt.errors import RunFailed
 from distgpt.orchestrator.inventory import RayNode, to_inventory
-from distgpt.planner.cost import Workload
 from distgpt.planner.explain import nothing_fits
 from distgpt.planner.plan import Plan
 from distgpt.planner.search import search
 
 
-class NoPlanError(RuntimeError):
+class NoPlanError(RunFailed, RuntimeError):
     """No plan fits the cluster; the message is the planner's explanation."""
 
 
@@ -18,9 +18,7 @@ def plan_for(job: JobConfig, nodes: list[RayNode]) -> Plan:
     """The planner's best Plan for ``job`` on ``nodes`` (raises NoPlanError when nothing fits). Every Plan's
     checkpoints load into every other, so a re-plan may pick any of them."""
     inv = to_inventory(nodes)
-    vocab = job.model.vocab_size or (257 if job.data.tokenizer == "byte" else job.data.vocab_size)
-    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len,
-                 "bf16" if job.train.dtype == "bf16" else "fp32")
+    w = job.workload()
     res = search(w, inv, top=1)
     if not res.ranked:
         raise NoPlanError(nothing_fits(res, inv, w))

@@ -7,7 +7,6 @@ in progress — that is how the controller tells a slow step from a hung collect
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -16,6 +15,8 @@ from collections import deque
 from typing import Any
 
 from distgpt.config import JobConfig
+from distgpt.orchestrator.drills import RankDrills
+from distgpt.orchestrator.status import RankStatus, RunResult
 from distgpt.planner.plan import Plan
 
 
@@ -42,9 +43,9 @@ class TrainWorker:
         self.trainer = None
         self.state = "created"
         self.error: str | None = None
-        self.result: dict | None = None
-        self._faults: list = []
-        self._checkpoint_at = -1
+        self.result: RunResult | None = None
+        self.drills = RankDrills(rank, self.logs.append)
+        """The trainer's step hooks: injected faults, and checkpoints a preemption notice asks for."""
 
     def address(self) -> tuple[str, str, int]:
         """(node id, node ip, a free port on it) — rank 0's becomes the rendezvous address."""
@@ -60,35 +61,35 @@ class TrainWorker:
         """Set the torch.distributed environment and start training on a background thread."""
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
                            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0"})
-        if master[0].startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if "CUDA_VISIBLE_DEVICES" not in os.environ else "cuda")
         import torch
 
+        from distgpt.parallel.mesh import keep_gloo_on_loopback
+
+        keep_gloo_on_loopback()
         torch.set_num_threads(max(1, threads))
         self.state = "starting"
         threading.Thread(target=self._run, args=(job, plan), daemon=True, name="distgpt-train").start()
 
     def _run(self, job: JobConfig, plan: Plan) -> None:
         from distgpt.parallel.mesh import shutdown_distributed
-        from distgpt.trainer import Trainer
+        from distgpt.train.trainer import Trainer
 
         try:
             sink = _QueueSink(self.records)
-            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self)
+            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self.drills)
             for rec in self.trainer.replay:  # records the lost attempt may not have delivered (the controller dedups)
                 sink.write({**rec, "replayed": True})
             self.state = "running"
             res = self.trainer.fit()
             shutdown_distributed()
-            self.result = {"steps": res.steps, "tokens_per_s": res.tokens_per_s, "final_dir": res.final_dir,
-                           "loop_time": res.loop_time, "step_times": res.step_times}
+            self.result = RunResult(res.steps, res.tokens_per_s, res.final_dir, res.loop_time, tuple(res.step_times))
             self.state = "done"
         except BaseException as e:  # reported to the controller, which decides what to do
             self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
             self.state = "error"
 
-    def poll(self) -> dict[str, Any]:
+    def poll(self) -> RankStatus:
         """Heartbeat: current step (None before the trainer exists), new records and log lines, state, error."""
         records, logs = [], []
         while self.records:
@@ -96,36 +97,13 @@ class TrainWorker:
         while self.logs:
             logs.append(self.logs.popleft())
         step = self.trainer.step if self.trainer is not None else None
-        return {"rank": self.rank, "step": step, "state": self.state, "records": records, "logs": logs,
-                "error": self.error, "result": self.result}
-
-    # --- hooks called by the Trainer on the training thread -------------------------------------------------------
-    def before_step(self, step: int) -> None:
-        """Fault injection at an exact step: 'kill' ends this process with SIGKILL (a real crash, no clean-up);
-        'hang' holds this rank, so its peers block in the next collective until the watchdog fires."""
-        while self._draining(step):
-            time.sleep(0.5)  # preemption: the checkpoint is saved; wait to be stopped (the node is about to go)
-        for f in self._faults:
-            if f.step == step and f.rank == self.rank and f.kind != "preempt":
-                self.logs.append(f"injected fault: {f.kind} on rank {self.rank} before step {step + 1}")
-                time.sleep(0.3)  # let the controller's next poll carry the line out
-                if f.kind == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(3600.0)
-
-    def checkpoint_due(self, step: int) -> bool:
-        """Every rank is told the same step, so all of them join the collective save at once."""
-        return step == self._checkpoint_at or any(f.kind == "preempt" and f.step == step for f in self._faults)
-
-    def _draining(self, step: int) -> bool:
-        notices = [self._checkpoint_at] + [f.step for f in self._faults if f.kind == "preempt"]
-        return any(0 <= at < step for at in notices)
+        return RankStatus(self.rank, step, self.state, records, logs, self.error, self.result)
 
     # --- controller requests --------------------------------------------------------------------------------------
     def arm(self, faults: list) -> None:
         """Faults (``distgpt.recovery.faults.Fault``) this rank fires at their step (drills and tests)."""
-        self._faults = list(faults)
+        self.drills.arm(faults)
 
     def checkpoint_at(self, step: int) -> None:
         """Preemption notice: save a checkpoint after ``step``, then train no further (the node is going away)."""
-        self._checkpoint_at = step
+        self.drills.checkpoint_at(step)

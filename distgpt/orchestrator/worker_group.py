@@ -7,7 +7,6 @@ way a rank can be lost becomes a ``Failure``: an actor that died, a node that we
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -17,29 +16,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from distgpt.config import JobConfig
 from distgpt.orchestrator.inventory import RayNode
 from distgpt.orchestrator.placement import group_specs, reserve
+from distgpt.orchestrator.status import GroupStatus, RankStatus
 from distgpt.orchestrator.worker import TrainWorker
 from distgpt.planner.plan import Plan
 from distgpt.recovery.policy import Failure, FailureKind
 
 POLL_TIMEOUT_S = 30.0
-
-
-@dataclass
-class GroupStatus:
-    """One poll of every rank."""
-
-    steps: dict[int, int | None] = field(default_factory=dict)
-    records: list[dict] = field(default_factory=list)
-    logs: list[str] = field(default_factory=list)
-    done: bool = False
-    result: dict | None = None
-    failure: Failure | None = None
-
-    @property
-    def step(self) -> int | None:
-        """The highest step any rank has reached (None before any trainer exists)."""
-        known = [s for s in self.steps.values() if s is not None]
-        return max(known) if known else None
 
 
 class WorkerGroup:
@@ -82,19 +64,18 @@ class WorkerGroup:
         states = []
         for rank, ref in enumerate(refs):
             try:
-                r = ray.get(ref, timeout=POLL_TIMEOUT_S)
+                r: RankStatus = ray.get(ref, timeout=POLL_TIMEOUT_S)
             except (RayActorError, GetTimeoutError):
                 dead.append(rank)
                 continue
-            st.steps[rank] = r["step"]
-            states.append(r["state"])
-            st.records += r["records"]
-            st.logs += r["logs"]
-            if r["state"] == "error" and st.failure is None:
-                st.failure = Failure(FailureKind.TRAINING_ERROR, f"rank {rank}: {r['error']}", r["step"] or 0,
-                                     (rank,))
+            st.steps[rank] = r.step
+            states.append(r.state)
+            st.records += r.records
+            st.logs += r.logs
+            if r.state == "error" and st.failure is None:
+                st.failure = Failure(FailureKind.TRAINING_ERROR, f"rank {rank}: {r.error}", r.step or 0, (rank,))
             if rank == 0:
-                st.result = r["result"]
+                st.result = r.result
         if st.step is not None:
             self.last_step = st.step
         if dead:

@@ -19,10 +19,11 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from distgpt.model.gpt import GPT
-from distgpt.optim import make_optimizer, param_groups
 from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, deepspeed_config
-from distgpt.parallel.engine import Engine, LocalEngine
+from distgpt.parallel.engine import Engine, LocalEngine, Objective
 from distgpt.parallel.mesh import ParallelMesh
+from distgpt.parallel.naming import drop_tied_head
+from distgpt.parallel.optim import make_optimizer, param_groups
 from distgpt.parallel.pp import PipelineEngine, carve_stage, stage_chunk_ids
 from distgpt.parallel.recompute import apply_recompute
 from distgpt.parallel.tp import apply_tp
@@ -37,7 +38,6 @@ class OptimSettings:
     betas: tuple[float, float]
     grad_clip: float
     global_batch: int
-    micro_batch: int  # 0: the whole share
     seq_len: int = 0  # tokens per sample (0: the model's block size); pipeline stages are built for this shape
 
 
@@ -50,29 +50,29 @@ def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
     return model
 
 
-def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings) -> Engine:
-    """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it. ``model`` must be identical on
-    every rank (same seed): each rank keeps its part of it."""
-    plan = mesh.plan.with_micro_batch(opt.micro_batch)
+def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective) -> Engine:
+    """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it on ``objective``. ``model`` must be
+    identical on every rank (same seed): each rank keeps its part of it."""
+    plan = mesh.plan
     plan.validate(model.cfg, plan.world_size, opt.global_batch)
     shares = plan.shares(opt.global_batch)
     share = shares[mesh.coords["dp"]]
-    micro = plan.micro_batch_size or opt.micro_batch or share
-    betas = opt.betas
+    micro = plan.micro_batch_size or share
     model = model.to(mesh.device)
     if plan.dp_engine == "deepspeed":
-        cfg = deepspeed_config(plan, micro, share // micro, opt.lr, betas, opt.weight_decay, opt.grad_clip)
+        cfg = deepspeed_config(plan, micro, share // micro, opt.lr, opt.betas, opt.weight_decay, opt.grad_clip)
         return DeepSpeedEngine(_prepare_module(model, mesh), param_groups(model, opt.weight_decay), mesh, shares,
-                               micro, cfg)
+                               micro, objective, cfg)
     if plan.pp > 1:
-        return _pipeline(model, mesh, opt, shares, micro)
+        return _pipeline(model, mesh, opt, shares, micro, objective)
     module = _prepare_module(model, mesh)
     module = apply_fsdp(module, mesh, plan.dtype == "bf16") if plan.dp_engine == "fsdp" else apply_ddp(module, mesh)
-    optimizer = make_optimizer(module, opt.lr, opt.weight_decay, betas)
-    return LocalEngine([module], optimizer, mesh, shares, micro)
+    optimizer = make_optimizer(module, opt.lr, opt.weight_decay, opt.betas)
+    return LocalEngine([module], optimizer, mesh, shares, micro, objective)
 
 
-def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[int], micro: int) -> Engine:
+def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[int], micro: int,
+              objective: Objective) -> Engine:
     plan = mesh.plan
     ranges = plan.layer_ranges(model.cfg.n_layer)
     n_chunks = len(ranges)
@@ -82,7 +82,7 @@ def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[i
         chunks.append(_prepare_module(chunk, mesh))  # dp gradients are averaged by the engine (see pp.py)
     container = torch.nn.ModuleList(chunks)
     optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
-    return PipelineEngine(chunks, optimizer, mesh, shares, micro, model.cfg.tie_embeddings, opt.seq_len)
+    return PipelineEngine(chunks, optimizer, mesh, shares, micro, objective, model.cfg.tie_embeddings, opt.seq_len)
 
 
 def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
@@ -103,18 +103,8 @@ def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
             parts: list[dict] = [None] * engine.mesh.plan.pp  # type: ignore[list-item]
             dist.all_gather_object(parts, sd, group=engine.mesh.group("pp"))
             sd = {k: v for part in parts for k, v in part.items()}
-    cfg = _unwrap_cfg(engine)
-    if cfg is not None and cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    cfg = next(sub.cfg for m in engine.modules for sub in m.modules() if isinstance(sub, GPT))
+    return drop_tied_head(sd, cfg.tie_embeddings)
 
 
-def _unwrap_cfg(engine: Engine):
-    for m in engine.modules:
-        for sub in m.modules():
-            if isinstance(sub, GPT):
-                return sub.cfg
-    return None
-
-
-__all__ = ["OptimSettings", "parallelize", "full_state_dict", "Engine"]
+__all__ = ["OptimSettings", "parallelize", "full_state_dict", "Engine", "Objective"]

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distgpt.model.gpt import lm_loss
-from distgpt.parallel.engine import LocalEngine, global_mean
+from distgpt.parallel import ds_state
+from distgpt.parallel.engine import LocalEngine, Objective, dp_sum
 from distgpt.parallel.mesh import ParallelMesh
 
 
@@ -64,10 +64,11 @@ def deepspeed_config(plan, micro: int, n_micro: int, lr: float, betas: tuple[flo
 
 
 class DeepSpeedEngine(LocalEngine):
-    """ZeRO via ``deepspeed.initialize``; DeepSpeed scales each micro-batch loss by 1/accumulation steps itself."""
+    """ZeRO via ``deepspeed.initialize``. DeepSpeed itself divides each micro-batch loss by the accumulation steps
+    and averages gradients over dp, so a piece N_mb is scaled by dp · n_micro / D (see ``engine.py``)."""
 
     def __init__(self, model: nn.Module, groups: list[dict], mesh: ParallelMesh, shares: list[int], micro: int,
-                 config: dict[str, Any]):
+                 objective: Objective, config: dict[str, Any]):
         if mesh.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for accelerators it won't find
         import deepspeed
@@ -75,21 +76,33 @@ class DeepSpeedEngine(LocalEngine):
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=config, dist_init_required=False
         )
-        super().__init__([engine], optimizer, mesh, shares, micro)
+        super().__init__([engine], optimizer, mesh, shares, micro, objective)
         self.engine = engine
 
-    def train_step(self, x, y, lr, clip):
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer.optimizer  # the torch optimizer ZeRO steps on its flat partitions
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        return ds_state.state_dicts(self)
+
+    def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        ds_state.load_state_dicts(self, model_sd, optim_sd)
+
+    def train_step(self, batch, lr, clip):
         self.set_lr(lr)
         total = torch.zeros((), device=self.mesh.device)
-        n = len(x)
-        for xb, yb in self.micro_batches(x, y):
-            loss = lm_loss(self.engine(xb), yb)
-            self.engine.backward(loss)
+        denom = self.global_normaliser(batch)
+        scale = self.mesh.plan.dp * self.engine.gradient_accumulation_steps() / denom
+        for mb in self.micro_batches(batch):
+            with self.autocast:
+                piece = self.objective.loss(self.engine(mb.inputs), mb)
+            self.engine.backward(piece * scale)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
-            total += loss.detach() * (len(xb) / n)
+            total += piece.detach().float()
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else 0.0, dtype=torch.float32)
-        return global_mean(total, self.mesh, self.shares), norm
+        return dp_sum(total, self.mesh) / denom, norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered from its ZeRO-3 partitions where needed, on every rank."""

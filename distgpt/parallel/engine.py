@@ -1,23 +1,38 @@
 """Training engines: one optimizer step over this rank's share of the global batch, whatever the Plan.
 
-Loss weighting makes every composition compute the gradient of the *global* batch mean. Replica r holds n_r of the
-B samples of a step; DDP / FSDP / ZeRO average gradients over the dp replicas, so each replica scales its local mean
-loss by w_r = n_r · dp / B: (1/dp) Σ_r w_r ∇mean_r = Σ_r (n_r / B) ∇mean_r = ∇(global mean). With even shares w_r = 1.
+An engine is given an objective (``train/objectives``) and never names a loss. Loss weighting makes every
+composition compute the gradient of the objective over the *global* batch, L = N / D with N = Σ_r N_r the sum of
+every replica's weighted token losses and D = Σ_r D_r the global normaliser (for next-token prediction, the number
+of target tokens). Each step first all-reduces D over the data-parallel group (one scalar). DDP / FSDP / ZeRO then
+*average* gradients over the dp replicas, so replica r back-propagates c · N_r with c = dp / D:
+(1/dp) Σ_r ∇(dp · N_r / D) = ∇(N / D). Micro-batches simply add their pieces of N_r (no per-micro-batch means), so
+uneven shares, masks or packing change nothing. The reported loss is Σ_r N_r / D (all-reduced), the global mean.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from distgpt.model.gpt import lm_loss
+from distgpt.data.batch import Batch
+from distgpt.parallel import naming
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.tp import loss_context
+
+
+class Objective(Protocol):
+    """What an engine needs of a training objective (``distgpt.train.objectives`` has them)."""
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """N for the rows of ``batch``: the sum of their weighted token losses (0-d)."""
+
+    def normaliser(self, batch: Batch) -> torch.Tensor:
+        """D for the rows of ``batch`` (0-d float)."""
 
 
 def grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -52,27 +67,44 @@ def clip_(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> N
             p.grad.mul_(coef.to(p.grad.device))
 
 
-def replica_weight(mesh: ParallelMesh, shares: list[int]) -> float:
-    """w_r = n_r · dp / B (see module docstring)."""
-    return shares[mesh.coords["dp"]] * len(shares) / sum(shares)
-
-
-def global_mean(local_mean: torch.Tensor, mesh: ParallelMesh, shares: list[int]) -> torch.Tensor:
-    """Σ_r (n_r / B) mean_r over data-parallel replicas (every rank gets the result)."""
-    out = local_mean.detach().float() * (shares[mesh.coords["dp"]] / sum(shares))
+def dp_sum(value: torch.Tensor, mesh: ParallelMesh) -> torch.Tensor:
+    """``value`` summed over the data-parallel replicas (every rank gets the result)."""
+    out = value.detach().float().to(mesh.device)
     group = mesh.group("dp")
     if group is not None:
         dist.all_reduce(out, group=group)
     return out
 
 
+def precision_context(plan, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for the Plan's dtype (bf16), else nothing: the Plan is the one owner of precision."""
+    if plan.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class Engine:
     """Common interface; ``LocalEngine`` covers one process, DDP, FSDP2 and tensor parallelism."""
 
-    def __init__(self, modules: list[nn.Module], optimizer: Any, mesh: ParallelMesh, shares: list[int], micro: int):
+    def __init__(self, modules: list[nn.Module], optimizer: Any, mesh: ParallelMesh, shares: list[int], micro: int,
+                 objective: Objective):
         self.modules, self.optimizer, self.mesh = modules, optimizer, mesh
         self.shares, self.micro = shares, micro
-        self.autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+        self.objective = objective
+        self.autocast = precision_context(mesh.plan, mesh.device)
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that steps this rank's parameters (checkpoints hook its steps)."""
+        return self.optimizer
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts under the model's canonical parameter names, whatever the sharding."""
+        return naming.canonical_state_dicts(self.modules, self.optimizer)
+
+    def load_state_dicts(self, model_sd: dict, optim_sd: dict) -> None:
+        """Load state in the canonical naming (as ``state_dicts`` returns it, possibly from another Plan)."""
+        naming.load_canonical_state_dicts(self.modules, self.optimizer, model_sd, optim_sd)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -86,18 +118,22 @@ class Engine:
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def micro_batches(self, x: torch.Tensor, y: torch.Tensor):
-        """(inputs, targets) of each micro-batch, on this rank's device."""
-        for s in range(0, len(x), self.micro):
-            yield x[s : s + self.micro].to(self.mesh.device), y[s : s + self.micro].to(self.mesh.device)
+    def micro_batches(self, batch: Batch):
+        """Each micro-batch of this rank's batch, on this rank's device."""
+        for s in range(0, len(batch), self.micro):
+            yield batch.rows(slice(s, s + self.micro)).to(self.mesh.device)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's batch (x, y); returns (global mean loss, gradient norm)."""
+    def global_normaliser(self, batch: Batch) -> torch.Tensor:
+        """D: the objective's normaliser summed over the whole global batch (one scalar all-reduce)."""
+        return dp_sum(self.objective.normaliser(batch), self.mesh)
+
+    def train_step(self, batch: Batch, lr: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's batch; returns (the objective over the global batch, gradient norm)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def eval_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's samples of the per-sample mean loss (reduced by the caller)."""
+    def eval_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N_r, D_r): this rank's loss numerator and normaliser on ``batch`` (the caller reduces and divides)."""
         raise NotImplementedError
 
 
@@ -114,36 +150,37 @@ class LocalEngine(Engine):
             model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def train_step(self, x, y, lr, clip):
+    def train_step(self, batch, lr, clip):
         self.set_lr(lr)
         model = self.modules[0]
-        n, w = len(x), replica_weight(self.mesh, self.shares)
+        denom = self.global_normaliser(batch)
+        scale = self.mesh.plan.dp / denom  # c = dp / D (module docstring)
         total = torch.zeros((), device=self.mesh.device)
-        count = -(-n // self.micro)
-        for i, (xb, yb) in enumerate(self.micro_batches(x, y)):
+        count = -(-len(batch) // self.micro)
+        for i, mb in enumerate(self.micro_batches(batch)):
             last = i == count - 1
             if last and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(True)
             with self._no_sync(last), loss_context(self.mesh.plan.tp):
                 with self.autocast:
-                    loss = lm_loss(model(xb), yb) * (len(xb) / n)
-                (loss * w).backward()
-            total += _local(loss.detach())
+                    piece = self.objective.loss(model(mb.inputs), mb)
+                (piece * scale).backward()
+            total += _local(piece.detach()).float()
         params = self.unique_params()
         norm = grad_norm(params, None)
         if clip > 0:
             clip_(params, clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return global_mean(total, self.mesh, self.shares), norm
+        return dp_sum(total, self.mesh) / denom, norm
 
     @torch.no_grad()
-    def eval_sum(self, x, y):
+    def eval_sums(self, batch):
         total = torch.zeros((), device=self.mesh.device)
-        for xb, yb in self.micro_batches(x, y):
+        for mb in self.micro_batches(batch):
             with loss_context(self.mesh.plan.tp), self.autocast:
-                total += _local(lm_loss(self.modules[0](xb), yb)) * len(xb)
-        return total
+                total += _local(self.objective.loss(self.modules[0](mb.inputs), mb)).float()
+        return total, self.objective.normaliser(batch).to(self.mesh.device)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

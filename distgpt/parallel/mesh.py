@@ -49,14 +49,6 @@ class ParallelMesh:
             return None
         return self.mesh.get_group(dim)
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.coords.get("pp", 0) == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.coords.get("pp", 0) == self.plan.pp - 1
-
 
 def device_for_rank() -> torch.device:
     """cuda:LOCAL_RANK when CUDA is available, else cpu."""
@@ -74,12 +66,26 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     from datetime import timedelta
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    loopback = os.environ.get("MASTER_ADDR", "").startswith("127.")
-    if backend == "gloo" and loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # A loopback rendezvous means one machine: keep gloo's own connections on loopback too (by default it uses
-        # the address the hostname resolves to, which may be an external interface).
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    keep_gloo_on_loopback()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def keep_gloo_on_loopback() -> None:
+    """A loopback rendezvous (MASTER_ADDR 127.x) means one machine: keep gloo's own connections on loopback too. By
+    default gloo uses the address the hostname resolves to, which may be an external interface. The one place this
+    rule lives: torchrun ranks, Ray workers and the checkpoint writer's group all come through here."""
+    if os.environ.get("MASTER_ADDR", "").startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def ensure_process_group() -> None:
+    """A process group exists afterwards: the job's, or for a one-process run a one-rank gloo group on loopback
+    (DCP's background save process needs one even for a single rank; it inherits the environment set here)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    keep_gloo_on_loopback()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def shutdown_distributed(wait: bool = True) -> None:

@@ -1,7 +1,10 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``: stage modules, schedules, tied-embedding gradients.
 
 A stage keeps only its blocks (``GPT.layers`` is a ModuleDict keyed by global index), plus the embedding on the first
-stage and the final norm + LM head (+ loss) on the last. Stage sizes may be uneven (``Plan.stage_layers``).
+stage and the final norm + LM head on the last, where the objective's loss runs. The schedule splits the inputs and
+a "target" of row numbers into micro-batches alike; the last stage's loss function looks the rows up in the step's
+batch, so an objective's batch may hold any columns (masks, weights, log-probabilities).
+Stage sizes may be uneven (``Plan.stage_layers``).
 With interleaving (``virtual_stages`` v > 1) rank i holds model chunks i, i+pp, …, i+(v−1)·pp.
 
 Data parallelism across pipelines (dp_engine='ddp'): DDP's reducer cannot follow a schedule's many per-micro-batch
@@ -21,9 +24,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from distgpt.model.gpt import GPT, lm_loss
-from distgpt.parallel.engine import Engine, _local, align_grad_layouts, clip_, global_mean, grad_norm, replica_weight
+from distgpt.data.batch import Batch
+from distgpt.model.gpt import GPT
+from distgpt.parallel.engine import Engine, Objective, _local, align_grad_layouts, clip_, dp_sum, grad_norm
 from distgpt.parallel.mesh import ParallelMesh
+from distgpt.parallel.naming import unwrap
 from distgpt.parallel.tp import loss_context
 
 
@@ -54,7 +59,7 @@ def _static_meta(chunk: nn.Module, micro: int, seq_len: int) -> dict:
 
     (The final stage's output — possibly a vocabulary-sharded DTensor — goes only to the loss, never to a peer.)
     """
-    m: GPT = _unwrap(chunk)  # type: ignore[assignment]
+    m: GPT = unwrap(chunk)  # type: ignore[assignment]
     t, c = seq_len or m.cfg.block_size, m.cfg.n_embd
     hidden = torch.empty(micro, t, c, device="meta")
     inp = torch.empty(micro, t, dtype=torch.long, device="meta") if m.tok_emb is not None else hidden
@@ -62,23 +67,25 @@ def _static_meta(chunk: nn.Module, micro: int, seq_len: int) -> dict:
 
 
 def _schedule(plan, stages: list[PipelineStage], n_micro: int, loss_fn):
+    # scale_grads=False: each micro-batch's loss is already its share of the global objective (engine.py)
     if plan.schedule == "gpipe":
-        return ScheduleGPipe(stages[0], n_micro, loss_fn=loss_fn)
+        return ScheduleGPipe(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
     if plan.schedule == "1f1b":
-        return Schedule1F1B(stages[0], n_micro, loss_fn=loss_fn)
-    return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=loss_fn)
+        return Schedule1F1B(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
+    return ScheduleInterleaved1F1B(stages, n_micro, loss_fn=loss_fn, scale_grads=False)
 
 
 class PipelineEngine(Engine):
     """Runs a pipeline schedule over this rank's chunks; the loss is known on the last stage and shared."""
 
     def __init__(self, chunks: list[nn.Module], optimizer, mesh: ParallelMesh, shares: list[int], micro: int,
-                 tied: bool, seq_len: int):
-        super().__init__(chunks, optimizer, mesh, shares, micro)
+                 objective: Objective, tied: bool, seq_len: int):
+        super().__init__(chunks, optimizer, mesh, shares, micro, objective)
         self.tied = tied
         n_local = shares[mesh.coords["dp"]]
         self.n_micro = n_local // micro
-        self.weight = replica_weight(mesh, shares)
+        self._batch: Batch | None = None  # the step's batch on this device: the loss function reads its rows
+        self._scale = torch.ones(())  # c = dp / D of the current step
         n_chunks = mesh.plan.pp * mesh.plan.virtual_stages
         self.stages = [
             PipelineStage(c, idx, n_chunks, mesh.device, group=mesh.group("pp"), **_static_meta(c, micro, seq_len))
@@ -87,44 +94,55 @@ class PipelineEngine(Engine):
         self.has_first = 0 in stage_chunk_ids(mesh)
         self.has_last = n_chunks - 1 in stage_chunk_ids(mesh)
         self.schedule = _schedule(mesh.plan, self.stages, self.n_micro, self._loss)
-        self.eval_schedule = _schedule(mesh.plan, self.stages, self.n_micro, lambda out, y: _local(lm_loss(out, y)))
+        self.eval_schedule = _schedule(mesh.plan, self.stages, self.n_micro, self._eval_loss)
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        assert self._batch is not None
         with self.autocast:
-            return lm_loss(out, y) * self.weight
+            return self.objective.loss(out, self._batch.rows(rows)) * self._scale
+
+    def _eval_loss(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        assert self._batch is not None
+        return _local(self.objective.loss(out, self._batch.rows(rows)))
 
     def _tied_pair(self) -> nn.Parameter | None:
         """The embedding (first stage) or head (last stage) weight shared through the tie group."""
         if not self.tied or self.mesh.tie_group is None:
             return None
-        root = _unwrap(self.modules[0] if self.has_first else self.modules[-1])
+        root = unwrap(self.modules[0] if self.has_first else self.modules[-1])
         return root.tok_emb.weight if self.has_first else root.lm_head.weight
 
-    def _run(self, schedule, x, y) -> list[torch.Tensor]:
+    def _run(self, schedule, batch: Batch) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
-        x, y = x.to(self.mesh.device), y.to(self.mesh.device)
-        args = (x,) if self.has_first else ()
-        kwargs = {"target": y, "losses": losses} if self.has_last else {}
-        with loss_context(self.mesh.plan.tp):
-            if schedule is self.schedule:
-                schedule.step(*args, return_outputs=False, **kwargs)
-            else:
-                schedule.eval(*args, **kwargs)
+        self._batch = batch.to(self.mesh.device)
+        args = (self._batch.inputs,) if self.has_first else ()
+        rows = torch.arange(len(batch), device=self.mesh.device)
+        kwargs = {"target": rows, "losses": losses} if self.has_last else {}
+        try:
+            with loss_context(self.mesh.plan.tp):
+                if schedule is self.schedule:
+                    schedule.step(*args, return_outputs=False, **kwargs)
+                else:
+                    schedule.eval(*args, **kwargs)
+        finally:
+            self._batch = None
         return losses
 
-    def _stage_mean(self, local: torch.Tensor) -> torch.Tensor:
-        """Broadcast the last stage's value to the whole pipeline group."""
+    def _stage_value(self, local: torch.Tensor) -> torch.Tensor:
+        """The last stage's value, broadcast to the whole pipeline group."""
         group = self.mesh.group("pp")
         if group is not None:
             dist.broadcast(local, group_src=self.mesh.plan.pp - 1, group=group)
         return local
 
-    def train_step(self, x, y, lr, clip):
+    def train_step(self, batch, lr, clip):
         self.set_lr(lr)
-        losses = self._run(self.schedule, x, y)
+        denom = self.global_normaliser(batch)
+        self._scale = self.mesh.plan.dp / denom
+        losses = self._run(self.schedule, batch)
         local = torch.zeros((), device=self.mesh.device)
-        if self.has_last:
-            local = torch.stack([_local(t).detach() for t in losses]).mean() / self.weight
+        if self.has_last:  # Σ pieces · c / c
+            local = torch.stack([_local(t).detach().float() for t in losses]).sum() / self._scale
         params = self.unique_params()
         align_grad_layouts(params)
         sync_grads(params, self.mesh.group("dp"))
@@ -138,19 +156,15 @@ class PipelineEngine(Engine):
             clip_(params, clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return global_mean(self._stage_mean(local), self.mesh, self.shares), norm
+        return dp_sum(self._stage_value(local), self.mesh) / denom, norm
 
     @torch.no_grad()
-    def eval_sum(self, x, y):
-        losses = self._run(self.eval_schedule, x, y)
+    def eval_sums(self, batch):
+        losses = self._run(self.eval_schedule, batch)
         local = torch.zeros((), device=self.mesh.device)
         if self.has_last:
-            local = torch.stack([t.detach() for t in losses]).mean() * len(x)
-        return self._stage_mean(local)
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+            local = torch.stack([t.detach().float() for t in losses]).sum()
+        return self._stage_value(local), self.objective.normaliser(batch).to(self.mesh.device)
 
 
 def sync_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None, bucket_mb: float = 25.0) -> None:

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from distgpt.errors import DistgptError
 from distgpt.planner.cost import DeviceModel
 from distgpt.planner.hardware import device_type
 
@@ -42,20 +43,30 @@ def save_profile(path: str | Path, devices: dict[str, DeviceProfile], measured: 
     Path(path).write_text(json.dumps(data, indent=2))
 
 
+class ProfileError(DistgptError, ValueError):
+    """A hardware profile file that cannot be used; the message says how to get a good one."""
+
+
 def load_profile(path: str | Path) -> dict[str, DeviceProfile]:
     """Read a profile file; a clear error if it is not one."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: cannot read hardware profile ({e}) — write one with `distgpt bench hardware`") from None
+        raise ProfileError(f"{p}: cannot read hardware profile ({e}) — write one with `distgpt bench hardware`"
+                           ) from None
     if data.get("format") != FORMAT:
-        raise ValueError(f"{p}: not a distgpt hardware profile (format {data.get('format')!r})")
+        raise ProfileError(f"{p}: not a distgpt hardware profile (format {data.get('format')!r}) — write one with "
+                           "`distgpt bench hardware`")
     out = {}
-    for name, d in data["devices"].items():
+    for name, d in data.get("devices", {}).items():
         for key in ("flops_curve", "engine_time", "engine_memory", "engine_step_time"):
             d[key] = tuple(tuple(x) for x in d.get(key, ()))
-        out[device_type(name).name] = DeviceProfile(**d)
+        try:
+            out[device_type(name).name] = DeviceProfile(**d)
+        except (KeyError, TypeError) as e:
+            raise ProfileError(f"{p}: device {name!r}: {e} — write the profile again with `distgpt bench hardware`"
+                               ) from None
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import tomllib
 
+from distgpt.errors import DistgptError
 from distgpt.planner.hardware import DeviceType, device_type
 
 # Cloud instance types → (device, GPUs per node, network GB/s). AWS EC2 and GCP Compute Engine product pages.
@@ -33,7 +34,7 @@ INSTANCE_TYPES: dict[str, tuple[str, int, float]] = {
 }
 
 
-class InventoryError(ValueError):
+class InventoryError(DistgptError, ValueError):
     """An inventory that cannot be used; the message names the entry and the fix."""
 
 

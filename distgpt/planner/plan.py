@@ -9,9 +9,10 @@ rank. With ``tp-dp-pp`` the ranks of one tensor-parallel group are consecutive, 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from distgpt.errors import DistgptError
 from distgpt.model.config import GPTConfig
 
 DIMS = ("tp", "dp", "pp")
@@ -19,7 +20,7 @@ DpEngine = Literal["ddp", "fsdp", "deepspeed"]
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 
 
-class PlanError(ValueError):
+class PlanError(DistgptError, ValueError):
     """A Plan that cannot run; ``problems`` lists each reason with its fix."""
 
     def __init__(self, problems: list[str]):
@@ -48,7 +49,8 @@ class Plan:
     replica_devices: tuple[str, ...] = ()
     """Device type of each data-parallel replica."""
     micro_batch_size: int = 0
-    """Samples per micro-batch per replica (0: the job's train.micro_batch_size, else the whole share)."""
+    """Samples per forward/backward per replica; the rest of its share is gradient accumulation (0: the whole share
+    at once). The Plan owns it: a job sets it as ``[plan] micro_batch_size``."""
     batch_shares: tuple[int, ...] = ()
     """Samples per optimizer step for each replica; uneven for mixed device types. Empty: even split."""
     dp_engine: DpEngine = "ddp"
@@ -58,7 +60,8 @@ class Plan:
     recompute: bool = False
     """Activation recomputation: keep only block inputs, recompute the rest in backward."""
     dtype: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision."""
+    """Compute precision: fp32, or bf16 (autocast with fp32 master weights; FSDP2 also gathers parameters in bf16,
+    DeepSpeed runs its bf16 mode). The one place precision is set."""
     schedule: Schedule = "1f1b"
     """Pipeline schedule (only with pp > 1)."""
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -123,14 +126,6 @@ class Plan:
         """Inverse of ``to_json``."""
         d: dict[str, Any] = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-    def with_micro_batch(self, default: int) -> Plan:
-        """This plan with micro_batch_size filled from ``default`` (the job's train.micro_batch_size) if unset."""
-        return self if self.micro_batch_size or not default else replace(self, micro_batch_size=default)
-
-    def with_(self, **changes: Any) -> Plan:
-        """A copy with fields replaced."""
-        return replace(self, **changes)
 
     def problems(self, model: GPTConfig, world_size: int | None = None, global_batch: int | None = None) -> list[str]:
         """Every reason this plan cannot train ``model`` on ``world_size`` ranks with ``global_batch`` samples."""
@@ -226,7 +221,9 @@ def _check_batch(plan: Plan, batch: int) -> list[str]:
                  f"or give plan.batch_shares")
         return p
     mb = plan.micro_batch_size
-    if mb and any(s % mb for s in shares):
+    if mb < 0:
+        p.append(f"micro_batch_size: must be ≥ 0 (0: the whole share at once), got {mb}")
+    elif mb and any(s % mb for s in shares):
         p.append(f"micro_batch_size: {mb} must divide every replica's share {shares}")
     elif plan.pp > 1:
         n_micro = [s // (mb or s) for s in shares]

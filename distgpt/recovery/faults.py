@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distgpt.errors import DistgptError
+
 KINDS = ("kill", "hang", "preempt")
 WORKER_FAULTS = KINDS
 """All are fired by the ranks themselves at their exact step: 'kill' and 'hang' by RANK; 'preempt' by every rank
 (a preemption notice for RANK's node: all save a checkpoint after STEP, then drain until the controller stops them)."""
 
 
-class FaultError(ValueError):
+class FaultError(DistgptError, ValueError):
     """A malformed fault spec."""
 
 

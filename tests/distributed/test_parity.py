@@ -24,7 +24,7 @@ from ..conftest import REPO
 STEPS = 5
 COMMON = [
     "--train.progress=false", "--train.log_interval=1", f"--train.max_steps={STEPS}", "--train.eval_batches=1",
-    "--model.n_layer=4", "--model.n_head=4", "--model.vocab_size=260", "--train.micro_batch_size=2",
+    "--model.n_layer=4", "--model.n_head=4", "--model.vocab_size=260", "--plan.micro_batch_size=2",
     "--train.global_batch_size=8", "--sample.max_new_tokens=1", "--model.dropout=0.0", "--cluster.launcher=local",
 ]
 

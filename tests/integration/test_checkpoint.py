@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from distgpt.checkpoint.manager import CheckpointError, CheckpointManager
-from distgpt.trainer import Trainer
+from distgpt.train.trainer import Trainer
 
 from ..conftest import REPO, S3_CREDS, moto_s3, tiny_job
 
@@ -55,7 +55,7 @@ def test_a_checkpoint_in_the_earlier_format_still_resumes(tiny_data, tmp_path, m
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
     from distgpt.checkpoint import manager
-    from distgpt.checkpoint.storage import ArrowReader, ArrowWriter
+    from distgpt.checkpoint.dcp_io import ArrowReader, ArrowWriter
 
     def dcp_records(self, plan, planner):  # DCP's own writer: one torch.save archive per item
         fut = FileSystemWriter.write_data(self, plan, planner)
@@ -152,7 +152,7 @@ def _torchrun(nproc: int, *args: str, env: dict) -> None:
 def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, save_plan, load_plan):
     root = bucket[0].format(f"reshard-{save_plan[-1][-5:-1]}-{load_plan[-1][-5:-1]}")
     common = [f"--data.prepared={tiny_data}", "--train.progress=false", "--train.log_interval=1",
-              "--train.eval_interval=0", "--model.vocab_size=260", "--model.n_head=2", "--train.micro_batch_size=2",
+              "--train.eval_interval=0", "--model.vocab_size=260", "--model.n_head=2", "--plan.micro_batch_size=2",
               "--sample.max_new_tokens=1", f"--checkpoint.uri={root}", "--checkpoint.interval=3"]
     ref = tmp_path / "ref"
     _torchrun(2, *common, f"--run.out_dir={ref}", "--train.max_steps=6", "--checkpoint.resume='never'",
@@ -204,7 +204,7 @@ def _moto(port: int | None = None):
 
 
 def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_data, tmp_path, monkeypatch):
-    from distgpt.checkpoint import storage as ckstorage
+    from distgpt.checkpoint import dcp_io as ckstorage
     from distgpt.storage import StorageError
 
     server, port = _moto()
@@ -237,7 +237,7 @@ def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_da
 
 KILLER = """
 import os, signal, sys
-from distgpt.checkpoint import manager as m, storage as s
+from distgpt.checkpoint import dcp_io as s, manager as m
 real_stream, real_async = s.ArrowFileSystem.create_stream, m.CheckpointManager.save_async
 def killed(self, path, mode):  # thread upload: the training process dies while writing its shard
     if "w" in mode and "step-00000004" in str(path) and "distcp" in str(path):

@@ -124,12 +124,12 @@ def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data,
 def test_not_enough_resources_says_what_is_missing_within_the_timeout(ray_cluster, tiny_data, tmp_path, capsys):
     t0 = time.monotonic()
     args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
-            *BASE, "--plan.dp=8", "--train.global_batch_size=8", "--train.micro_batch_size=1",
+            *BASE, "--plan.dp=8", "--train.global_batch_size=8", "--plan.micro_batch_size=1",
             "--cluster.start_timeout_s=3"]
     assert main(args) == 1
     assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err
     assert re.search(r"needs 8 slots, the cluster has \d+", err) and "fix:" in err
     with pytest.raises(OrchestrationError):  # the same through the API
-        train(tiny_data, tmp_path, "--plan.dp=8", "--train.global_batch_size=8", "--train.micro_batch_size=1",
+        train(tiny_data, tmp_path, "--plan.dp=8", "--train.global_batch_size=8", "--plan.micro_batch_size=1",
               "--cluster.start_timeout_s=1")

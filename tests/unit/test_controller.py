@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from distgpt.orchestrator.controller import Controller, StartError, State
-from distgpt.orchestrator.worker_group import GroupStatus
+from distgpt.orchestrator.status import GroupStatus
 from distgpt.planner.plan import Plan
 from distgpt.recovery.faults import FaultError, parse_faults
 from distgpt.recovery.policy import Decision, Failure, FailureKind, FailurePolicy

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from distgpt.config import load_job
-from distgpt.trainer import Trainer, ensure_prepared
+from distgpt.data.prepare import ensure_prepared
+from distgpt.train.trainer import Trainer
 
 from ..conftest import REPO, SHAKESPEARE
 
@@ -34,7 +35,7 @@ def test_char_level_shakespeare_beats_the_bigram_bound(tmp_path):
         f"--data.sources=['{SHAKESPEARE}']", f"--data.prepared={tmp_path}/data", f"--run.out_dir={tmp_path}/run",
         "--data.max_bytes=0", "--data.seq_len=64", "--model.n_layer=2", "--model.n_head=4", "--model.n_embd=64",
         "--model.pos_encoding=rotary", "--train.max_steps=400", "--train.global_batch_size=32",
-        "--train.micro_batch_size=0", "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.warmup_steps=20",
+        "--plan.micro_batch_size=0", "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.warmup_steps=20",
         "--train.eval_interval=200", "--train.eval_batches=8", "--train.progress=false",
     ])
     manifest = ensure_prepared(job, progress=lambda s: None)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from distgpt.model.config import GPTConfig
-from distgpt.model.gpt import GPT, lm_loss
+from distgpt.model.gpt import GPT
 from distgpt.model.presets import PRESETS, flops_per_token, mfu, param_count, preset
+from distgpt.train.objectives.lm import lm_loss
 
 ENCODINGS = ["learned", "sinusoidal", "rotary"]
 

@@ -10,8 +10,9 @@ import torch
 from distgpt.checkpoint.export import load_model_dir
 from distgpt.cli import main
 from distgpt.model.gpt import GPT
-from distgpt.optim import lr_at, param_groups
-from distgpt.trainer import Trainer
+from distgpt.parallel.optim import param_groups
+from distgpt.train.schedule import lr_at
+from distgpt.train.trainer import Trainer
 
 from ..conftest import tiny_job
 
@@ -29,8 +30,8 @@ def test_same_seed_same_losses_bit_for_bit(tiny_data, tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
-    big = run(tiny_data, tmp_path / "a", "--train.max_steps=4", "--train.micro_batch_size=8")
-    acc = run(tiny_data, tmp_path / "b", "--train.max_steps=4", "--train.micro_batch_size=2")
+    big = run(tiny_data, tmp_path / "a", "--train.max_steps=4", "--plan.micro_batch_size=8")
+    acc = run(tiny_data, tmp_path / "b", "--train.max_steps=4", "--plan.micro_batch_size=2")
     assert acc.losses == pytest.approx(big.losses, rel=1e-5)
 
 
@@ -79,5 +80,5 @@ def test_schedule_and_no_decay_groups():
 
 
 def test_bf16_autocast_trains(tiny_data, tmp_path):
-    res = run(tiny_data, tmp_path, "--train.dtype='bf16'", "--train.max_steps=10")
+    res = run(tiny_data, tmp_path, "--plan.dtype='bf16'", "--train.max_steps=10")
     assert res.losses[-1] < res.losses[0] - 0.3

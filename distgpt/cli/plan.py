@@ -1,35 +1,32 @@
-"""``distgpt plan``: load job + inventory (+ profile), search, print the table and the explanation (or JSON)."""
+"""``distgpt plan JOB --inventory FILE``: rank plans, explain the best, save it. Imports no torch.
+
+Exit codes: 0 a plan fits, 3 nothing fits (the output says why), 2 bad input.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict
 
-from distgpt.config import load_job
-from distgpt.planner.calibrate import device_models, load_profile
-from distgpt.planner.cost import Workload
-from distgpt.planner.explain import explain, nothing_fits, table
-from distgpt.planner.inventory import InventoryError, load_inventory
-from distgpt.planner.search import Objective, search
+from distgpt.cli import Command, job_argument
 
 NOTHING_FITS = 3
 
 
-def plan_command(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Print ranked plans; 0 if one fits, 3 if none does, 2 on bad input."""
-    import time
+def plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Print ranked plans; 0 if one fits, 3 if none does."""
+    from distgpt.config import load_job
+    from distgpt.planner.calibrate import device_models, load_profile
+    from distgpt.planner.explain import explain, nothing_fits, table
+    from distgpt.planner.inventory import load_inventory
+    from distgpt.planner.search import Objective, search
 
     job = load_job(args.job, overrides)
-    try:
-        inv = load_inventory(args.inventory)
-        devices = device_models(load_profile(args.profile)) if args.profile else {}
-    except (InventoryError, ValueError, KeyError) as e:
-        print(f"distgpt: error: {e}", file=__import__("sys").stderr)
-        return 2
-    vocab = job.model.vocab_size or (257 if job.data.tokenizer == "byte" else job.data.vocab_size)
-    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len,
-                 "bf16" if job.train.dtype == "bf16" else "fp32")
+    inv = load_inventory(args.inventory)
+    devices = device_models(load_profile(args.profile)) if args.profile else {}
+    w = job.workload()
     objective = Objective(args.objective, args.max_price_per_hour, args.min_tokens_per_s)
     t0 = time.perf_counter()
     res = search(w, inv, objective, devices, max(args.top, 50))  # the explanation compares with the runners-up
@@ -58,3 +55,18 @@ def _as_json(c) -> dict:
             "tokens_per_s": c.tokens_per_s, "mfu": c.mfu, "peak_memory_bytes": c.memory,
             "capacity_bytes": c.capacity, "price_per_hour": c.price_per_hour, "cost_per_mtok": c.cost_per_mtok,
             "breakdown_s": c.breakdown, "devices_used": c.devices_used, "bottleneck": c.bottleneck}
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    job_argument(p)
+    p.add_argument("--inventory", required=True, help="inventory file (TOML/YAML) or a Ray cluster-launcher YAML")
+    p.add_argument("--objective", choices=["throughput", "cost"], default="throughput")
+    p.add_argument("--max-price-per-hour", type=float, help="budget: plans above it are dropped")
+    p.add_argument("--min-tokens-per-s", type=float, help="plans below it are dropped")
+    p.add_argument("--profile", help="hardware profile from `distgpt bench hardware` (measured figures)")
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--save", help="write the best Plan as JSON (for `distgpt train --plan`)")
+
+
+COMMANDS = [Command(("plan",), "choose a parallel plan for a job on a (heterogeneous) cluster", plan, _arguments)]

@@ -1,8 +1,6 @@
-"""AdamW with the usual no-decay groups, and the warm-up + cosine learning-rate schedule."""
+"""AdamW with the usual no-decay groups (the engines build it over the parameters each rank holds)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -27,13 +25,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the fused / foreach kernels are chosen by PyTorch for the device."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    if step >= total:
-        return min_lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)

@@ -1,4 +1,4 @@
-"""Checkpoint storage over ``pyarrow.fs``: a filesystem for ``torch.distributed.checkpoint`` (DCP), retries, preflight.
+"""DCP's reader and writer over ``pyarrow.fs`` (the storage helpers themselves are ``distgpt.storage``).
 
 DCP's ``FileSystemWriter`` / ``FileSystemReader`` do the planning, metadata and resharding; they need a small
 filesystem interface, which ``ArrowFileSystem`` provides for any pyarrow URI (s3://, gs://, file://, paths). Items are
@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import posixpath
-import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -29,7 +28,6 @@ from torch.futures import Future
 
 from distgpt import storage
 from distgpt.checkpoint import records
-from distgpt.storage import StorageError, redact
 
 T = TypeVar("T")
 
@@ -43,26 +41,10 @@ def first_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
-    """Run ``fn``, retrying transient storage failures with exponential backoff (0.5 s, 1 s, 2 s …). DCP failures
-    reach every rank alike, so all ranks retry together."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except (OSError, CheckpointException) as e:
-            if i == attempts - 1:
-                raise StorageError(f"{what} failed after {attempts} attempts: {redact_text(first_error(e))}") from None
-            time.sleep(base_delay * 2**i)
-    raise AssertionError("unreachable")
-
-
-def redact_text(text: str) -> str:
-    """Drop query strings (endpoint options, possibly credentials) from URIs inside a message."""
-    import re
-
-    return re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*", r"\1", text)
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
+    """``storage.with_retries`` for DCP calls: DCP failures (CheckpointException) reach every rank alike, so all
+    ranks retry together."""
+    return storage.with_retries(fn, what, attempts, transient=(OSError, CheckpointException), describe=first_error)
 
 
 class _HashingStream:
@@ -210,31 +192,3 @@ class ArrowReader(FileSystemReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
-
-
-def preflight(uri: str) -> None:
-    """Write, read back and delete a probe object: fail at start-up, not after an hour of training."""
-    probe = storage.join(uri, f".distgpt-probe-{os.getpid()}")
-    try:
-        with_retries(lambda: storage.write_bytes(probe, b"ok"), f"writing to {redact(uri)}", attempts=2)
-        assert storage.read_bytes(probe) == b"ok"
-        fs, path = storage.resolve(probe)
-        fs.delete_file(path)
-    except (StorageError, OSError, AssertionError) as e:
-        raise StorageError(f"checkpoint location {redact(uri)} is not writable ({e}) — check the bucket or path "
-                           f"exists and the credentials allow writing") from None
-
-
-def list_dir(uri: str) -> list[pafs.FileInfo]:
-    """Entries directly under ``uri`` (empty when it does not exist)."""
-    fs, path = storage.resolve(uri)
-    try:
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-
-
-def delete_dir(uri: str) -> None:
-    """Remove ``uri`` and everything under it."""
-    fs, path = storage.resolve(uri)
-    fs.delete_dir(path)

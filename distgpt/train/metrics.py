@@ -6,9 +6,10 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the Ray driver writes metrics without loading it
+    import torch
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), in FLOP/s; longest names first so that
 # "H100 PCIe" is not read as "H100". The planner's hardware catalog holds the fuller table.
@@ -20,6 +21,8 @@ _GPU_PEAKS = (
 
 def measure_matmul_flops(n: int = 512, seconds: float = 0.2) -> float:
     """FLOP/s of square fp32 matmuls on this CPU: the reference 'peak' for MFU where no datasheet applies."""
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up (thread pool, caches)
     count, t0 = 0, time.perf_counter()
@@ -34,6 +37,8 @@ def peak_flops(device: torch.device, configured_tflops: float) -> tuple[float, s
     if configured_tflops > 0:
         return configured_tflops * 1e12, "configured"
     if device.type == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name(device)
         for key, flops in _GPU_PEAKS:
             if key in name:
@@ -74,6 +79,8 @@ class MetricsSink:
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank so far: allocated device memory on a GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource  # POSIX; ru_maxrss is in KiB on Linux
 

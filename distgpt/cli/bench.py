@@ -1,0 +1,119 @@
+"""``distgpt bench …``: each benchmark prints what it measured beside a reference measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from distgpt.cli import Command
+
+
+def trainer(args: argparse.Namespace, overrides: list[str]) -> int:
+    """distgpt trainer vs a minimal hand-written loop on the same model and data."""
+    from distgpt.bench.trainer_bench import run
+
+    return run(args.job, overrides, args.steps, args.repeats)
+
+
+def parallel(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Every parallel strategy vs a plain torchrun DDP script."""
+    from distgpt.bench.parallel_bench import run
+
+    return run(args.job, overrides, args.steps, args.json, args.only)
+
+
+def hardware(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Measure this machine's workers and write a planner profile."""
+    from distgpt.bench.hardware import run
+
+    return run(args.job, overrides, args.out, args.nproc)
+
+
+def planner(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Planning time at 64 / 1,024 / 16,384 devices."""
+    from distgpt.bench.planner_bench import run_planning_time
+
+    return run_planning_time()
+
+
+def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Predicted vs measured step time and memory of the planner's plans on this machine."""
+    from distgpt.bench.planner_bench import run_accuracy
+
+    return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
+
+
+def ray_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Orchestrator: time to first step vs Ray Train, tokens/s vs torchrun, recovery time."""
+    from distgpt.bench.ray_bench import run
+
+    return run(args.job, overrides, args.world, args.steps)
+
+
+def checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Checkpoint throughput vs raw pyarrow, and async vs blocking stall."""
+    from distgpt.bench.checkpoint_bench import run
+
+    return run(args.job, overrides, args.uri, args.repeats)
+
+
+def _job(default: str):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("job", nargs="?", default=default)
+
+    return add
+
+
+def _trainer_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/demo.toml")(p)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/tiny.toml")(p)
+    p.add_argument("--world", type=int, default=2, help="ranks (default 2)")
+    p.add_argument("--steps", type=int, default=40)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/bench-parallel.toml")(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--only", action="append", help="run strategies whose name contains this (repeatable)")
+
+
+def _hardware_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/bench-parallel.toml")(p)
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="worker ranks (default: CPU cores)")
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/bench-checkpoint.toml")(p)
+    p.add_argument("--uri", help="storage to use (default: a moto S3 server on 127.0.0.1)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _accuracy_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/bench-parallel.toml")(p)
+    p.add_argument("--profile", required=True, help="profile from `distgpt bench hardware`")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--plans", type=int, default=6)
+
+
+COMMANDS = [
+    Command(("bench", "trainer"), "trainer overhead vs a hand-written PyTorch loop", trainer, _trainer_args,
+            group_help="benchmarks"),
+    Command(("bench", "ray"), "orchestrator: first-step time vs Ray Train, tokens/s vs torchrun, recovery",
+            ray_bench, _ray_args),
+    Command(("bench", "parallel"), "tokens/s and memory per rank of each strategy vs plain torchrun DDP", parallel,
+            _parallel_args),
+    Command(("bench", "hardware"), "measure this machine's workers into a planner profile", hardware,
+            _hardware_args),
+    Command(("bench", "checkpoint"), "checkpoint save/load vs raw pyarrow I/O; async vs blocking stall", checkpoint,
+            _checkpoint_args),
+    Command(("bench", "planner"), "planning time for 1,024 and 16,384 devices of 4 types", planner),
+    Command(("bench", "plan-accuracy"), "run the planner's plans here; predicted vs measured", accuracy,
+            _accuracy_args),
+]

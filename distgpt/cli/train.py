@@ -1,0 +1,98 @@
+"""``distgpt train JOB``: pick the launcher (this process / torchrun ranks, or Ray), train, print a sample."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from distgpt.cli import Command, job_argument
+from distgpt.config_schema import ConfigError
+
+
+def launcher(cluster_launcher: str) -> str:
+    """'local' under torchrun or when asked; 'ray' otherwise (RAY_ADDRESS / --address, or an embedded cluster)."""
+    if cluster_launcher != "auto":
+        return cluster_launcher
+    return "local" if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ else "ray"
+
+
+def read_plan(path: str | None):
+    """The Plan in a JSON file given with --plan (None without one)."""
+    if not path:
+        return None
+    from distgpt.planner.plan import Plan
+
+    try:
+        with open(path) as f:
+            return Plan.from_json(f.read())
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError([f"--plan {path}: {e} — write one with `distgpt plan JOB --inventory … --save FILE`"],
+                          "--plan") from None
+
+
+def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Prepare data if needed, train (locally or on Ray), save the final model, print a sample."""
+    from distgpt.config import load_job
+    from distgpt.data.prepare import ensure_prepared
+
+    job = load_job(args.job, overrides)
+    plan = read_plan(args.plan)
+    if launcher(job.cluster.launcher) == "ray":
+        from distgpt.orchestrator.driver import run_on_ray
+
+        ensure_prepared(job)
+        summary = run_on_ray(job, plan, args.address)
+        res, n = summary.result, len(summary.recoveries)
+        print(f"trained {res.steps} steps on Ray; {res.tokens_per_s:,.0f} tokens/s; "
+              f"{n} recover{'y' if n == 1 else 'ies'}")
+        sample(job, res.final_dir)
+        return 0
+    return _train_local(job, plan)
+
+
+def _train_local(job, plan) -> int:
+    from distgpt.data.prepare import ensure_prepared
+    from distgpt.parallel.mesh import shutdown_distributed
+    from distgpt.train.trainer import Trainer
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        ensure_prepared(job)
+    trainer = Trainer(job, plan=plan)  # under torchrun, joins the process group (other ranks wait for the data)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()
+    if not trainer.is_logger:
+        return 0
+    first, last = result.losses[0], result.losses[-1]
+    val = f", val loss {list(result.val_losses.values())[-1]:.4f}" if result.val_losses else ""
+    print(f"trained {result.steps} steps: loss {first:.4f} → {last:.4f}{val}; {result.tokens_per_s:,.0f} tokens/s")
+    sample(job, result.final_dir)
+    return 0
+
+
+def sample(job, final_dir: str) -> None:
+    """Print the job's [sample] from the model saved in ``final_dir``."""
+    from distgpt.checkpoint.export import load_model_dir
+    from distgpt.model.generate import SamplingConfig, generate_text
+
+    s = job.sample
+    print(f"--- sample (prompt {s.prompt!r}) ---")
+    print(s.prompt, end="")
+    cfg = SamplingConfig(s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=job.run.seed)
+    model, tok, _ = load_model_dir(final_dir)
+    for piece in generate_text(model, tok, s.prompt, cfg):
+        print(piece, end="", flush=True)
+    print(f"\n--- generate more: distgpt generate --checkpoint {final_dir} --prompt '...' ---")
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    job_argument(p)
+    p.add_argument("--plan", help="a Plan as JSON (replaces the job's [plan] section)")
+    p.add_argument("--address", default="", help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded "
+                   "local cluster); ignored under torchrun or with --cluster.launcher=local")
+
+
+COMMANDS = [Command(("train",), "train a job (prepares its data first if needed)", train, _arguments)]

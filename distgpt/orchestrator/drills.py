@@ -1,0 +1,93 @@
+"""Fault drills — every injected fault in one place: what the controller does with them (``ControllerDrills``) and
+what a rank does (``RankDrills``, the trainer's step hooks inside each worker). No Ray.
+
+Specs (``cluster.inject``, parsed by ``recovery/faults.py``): ``kill@STEP:RANK`` — that rank SIGKILLs itself before
+step STEP + 1 (a real crash, no clean-up); ``hang@STEP:RANK`` — it stops, so its peers block in the next collective
+until the watchdog fires; ``preempt@STEP:RANK`` — a preemption notice for that rank's node: every rank checkpoints
+after STEP, then drains until the controller lets the node go and re-plans without it. Each fault fires once per run:
+a restarted group is not armed with it again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distgpt.recovery.faults import WORKER_FAULTS, Fault
+from distgpt.recovery.policy import Failure, FailureKind
+
+Notice = tuple[int, int, str]
+"""A preemption notice: (checkpoint step, rank, node id)."""
+
+
+class ControllerDrills:
+    """The controller's one hook into fault drills: arm a new group, forget a fault once it fired, and turn a
+    preemption drill into a notice. ``faults`` is shared with the caller (the controller's ``faults``)."""
+
+    def __init__(self, faults: list[Fault]):
+        self.faults = faults
+
+    def arm(self, group: Any) -> None:
+        """Give a freshly scheduled group the faults still to fire (ranks fire them at their exact step)."""
+        armed = [f for f in self.faults if f.kind in WORKER_FAULTS]
+        if armed:
+            group.arm(armed)
+
+    def fired(self, failure: Failure) -> None:
+        """A kill or hang fired (one per attempt: the group dies with it): do not arm it again."""
+        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang"}.get(failure.kind)
+        fault = next((f for f in self.faults if f.kind == kind), None)
+        if fault is not None:
+            self.faults.remove(fault)
+
+    def preemption(self, nodes: dict[int, str]) -> Notice | None:
+        """The pending preemption drill as a notice (None without one)."""
+        drill = next((f for f in self.faults if f.kind == "preempt"), None)
+        return None if drill is None else (drill.step, drill.rank, nodes.get(drill.rank, ""))
+
+    def preempted(self) -> None:
+        """The drilled node has been let go: the preemption drill is spent."""
+        drill = next((f for f in self.faults if f.kind == "preempt"), None)
+        if drill is not None:
+            self.faults.remove(drill)
+
+
+class RankDrills:
+    """One rank's step hooks (``train.trainer.StepHooks``): injected faults at their step, and the checkpoint a
+    preemption notice asks for. ``log`` sends a line to the controller."""
+
+    def __init__(self, rank: int, log: Callable[[str], None]):
+        self.rank, self.log = rank, log
+        self.faults: list[Fault] = []
+        self.checkpoint_step = -1
+
+    def arm(self, faults: list[Fault]) -> None:
+        """The faults this rank fires itself (its own kills and hangs, and every preemption)."""
+        self.faults = list(faults)
+
+    def checkpoint_at(self, step: int) -> None:
+        """Preemption notice: save a checkpoint after ``step``, then train no further (the node is going away)."""
+        self.checkpoint_step = step
+
+    def before_step(self, step: int) -> None:
+        """Drain after a preemption checkpoint; fire a kill or hang armed for this step."""
+        while self._draining(step):
+            time.sleep(0.5)  # the checkpoint is saved; wait to be stopped (the node is about to go)
+        for f in self.faults:
+            if f.step == step and f.rank == self.rank and f.kind != "preempt":
+                self.log(f"injected fault: {f.kind} on rank {self.rank} before step {step + 1}")
+                time.sleep(0.3)  # let the controller's next poll carry the line out
+                if f.kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600.0)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Every rank is told the same step, so all of them join the collective save at once."""
+        return step == self.checkpoint_step or any(f.kind == "preempt" and f.step == step for f in self.faults)
+
+    def _draining(self, step: int) -> bool:
+        notices = [self.checkpoint_step] + [f.step for f in self.faults if f.kind == "preempt"]
+        return any(0 <= at < step for at in notices)

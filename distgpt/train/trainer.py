@@ -1,0 +1,290 @@
+"""The per-rank training loop. No Ray here: it runs in one process, under torchrun, or inside a Ray worker.
+
+Set-up: process group → mesh → data → model → ``parallelize`` (the Plan's sharding) → objective → resume. One step:
+the loader's rows become the objective's batch; the engine runs its micro-batches (forward under the Plan's
+precision, the objective's loss, backward), clips, steps AdamW; the schedule sets the next learning rate. Metrics
+(loss, tokens/s, MFU) go to JSONL / TensorBoard / the progress bar; evaluation runs on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from distgpt.checkpoint.export import save_model_dir
+from distgpt.config import JobConfig, public_dict
+from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, sample_ids
+from distgpt.model.gpt import GPT
+from distgpt.model.presets import mfu, param_count
+from distgpt.parallel import OptimSettings, full_state_dict, parallelize
+from distgpt.parallel.mesh import build_mesh, init_distributed
+from distgpt.planner.plan import Plan
+from distgpt.train.checkpointing import RunCheckpoints, checkpoint_meta
+from distgpt.train.metrics import MetricsSink, peak_flops, peak_memory_gb, progress_bar
+from distgpt.train.objectives import resolve
+from distgpt.train.schedule import lr_at
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    losses: list[float]
+    """Training loss of every step (the objective over the global batch)."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by step."""
+    tokens_per_s: float = 0.0
+    """Mean throughput over the steps after the first (which pays one-off costs)."""
+    step_times: list[float] = field(default_factory=list)
+    loop_time: float = 0.0
+    """Wall time of the training loop (steps, logging, progress), evaluation excluded."""
+    final_dir: str = ""
+
+
+class StepHooks(Protocol):
+    """What a driver (a Ray worker) may add to the loop: hooks run on every rank, between steps."""
+
+    def before_step(self, step: int) -> None:
+        """Called before step ``step + 1`` starts (fault drills live here)."""
+
+    def checkpoint_due(self, step: int) -> bool:
+        """True to save a checkpoint after ``step`` besides the interval (every rank must answer alike)."""
+        return False
+
+
+class Sink(Protocol):
+    """Where metric records go: ``metrics.jsonl`` by default, the Ray controller under Ray."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible — use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Trainer:
+    """Training of one job on this rank. With one process the Plan is trivial; under torchrun (or a Ray worker that
+    has joined a process group) every rank runs the same Trainer and the engine shards the work as the Plan says.
+    A constructed Trainer already stands where its latest checkpoint left off (``resume``, the last set-up step)."""
+
+    def __init__(self, job: JobConfig, log=print, plan: Plan | None = None, sink: Sink | None = None,
+                 hooks: StepHooks | None = None):
+        self.job, self.hooks, self._sink = job, hooks, sink
+        t = job.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        init_distributed()
+        self.plan = plan or job.plan
+        self.mesh = build_mesh(self.plan, pick_device(t.device) if self.plan.world_size == 1 else None)
+        self.device = self.mesh.device
+        self.is_logger = self.mesh.rank == 0
+        self.log = log if self.is_logger else (lambda s: None)
+        self.tokenizer = load_tokenizer(job.prepared_dir)
+        self.train_set = TokenDataset(job.prepared_dir, "train")
+        self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
+        self.seq_len = self.train_set.seq_len
+        self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
+        self.objective = resolve(job.objective.kind)
+        torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
+        self.engine = parallelize(GPT(self.gpt_cfg), self.mesh, OptimSettings(
+            t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
+            self.objective)
+        self.shares = self.plan.shares(t.global_batch_size)
+        self.loader = DataLoader(self.train_set, t.global_batch_size, job.run.seed, self.mesh.coords["dp"],
+                                 self.shares)
+        self.saves = RunCheckpoints(job, self.log)
+        self.checkpoints = self.saves.manager if self.saves.enabled else None
+        self.step = 0
+        self._pending: list[torch.Tensor] = []  # losses not yet read back to the host (one sync per log interval)
+        self.replay: list[dict] = []
+        """The records the resumed-from checkpoint carried (a driver may not have seen them; it drops duplicates)."""
+        self.resume()
+
+    def resume(self) -> None:
+        """Continue from the latest committed checkpoint, if the job allows and one exists: the one place a run
+        resumes (engine state resharded to this Plan, loader position, RNG, the records the checkpoint carried)."""
+        self.step, self.replay = self.saves.resume(self.engine, self.loader)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over a global batch; returns (the objective's loss, grad norm) as 0-d tensors."""
+        t = self.job.train
+        lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        batch = self.objective.make_batch(self.loader.next_columns())
+        loss, norm = self.engine.train_step(batch, lr, t.grad_clip)
+        self.step += 1
+        return loss, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The objective over a fixed validation set: the first eval_batches global batches, in order."""
+        assert self.val_set is not None
+        for m in self.engine.modules:
+            m.eval()
+        t = self.job.train
+        val = DataLoader(self.val_set, t.global_batch_size, 0, self.mesh.coords["dp"], self.shares, shuffle=False)
+        sums = torch.zeros(2, device=self.device)
+        for _ in range(t.eval_batches):
+            numerator, normaliser = self.engine.eval_sums(self.objective.make_batch(val.next_columns()))
+            sums += torch.stack([numerator.float(), normaliser.float()])
+        group = self.mesh.group("dp")
+        if group is not None:
+            torch.distributed.all_reduce(sums, group=group)
+        for m in self.engine.modules:
+            m.train()
+        return float(sums[0] / sums[1])
+
+    def save_checkpoint(self) -> str:
+        """Collective: write this step's sharded checkpoint (manifest last); in the background if configured."""
+        meta = checkpoint_meta(self.plan, self.gpt_cfg, self.loader, public_dict(self.job))
+        return self.saves.save(self.step, self.engine, meta, self.tokenizer.to_json())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (a collective: all ranks must call it)."""
+        return full_state_dict(self.engine)
+
+    def fit(self) -> TrainResult:
+        """Run to train.max_steps; write metrics and the final model; return the losses."""
+        job, t = self.job, self.job.train
+        sink = (self._sink or MetricsSink(job.out_dir, t.tensorboard)) if self.is_logger else None
+        peak = self._start_line(sink)
+        result = TrainResult(steps=0, losses=[])
+        bar = progress_bar(t.max_steps, self.step, t.progress and self.is_logger)
+        loop_start, eval_time = time.perf_counter(), 0.0
+        try:
+            while self.step < t.max_steps:
+                self._one_step(result, sink, bar, peak)
+                if self._eval_due():
+                    e0 = time.perf_counter()
+                    self._evaluate_and_log(result, sink, bar)
+                    eval_time += time.perf_counter() - e0
+            done = self.saves.finish()
+            if done:
+                self.log(f"checkpoint {done}")
+        finally:
+            bar.close()
+            if sink:
+                sink.close()
+        result.loop_time = time.perf_counter() - loop_start - eval_time
+        return self._finish(result)
+
+    def _start_line(self, sink: Sink | None) -> float:
+        """Log what is about to run; returns the whole job's peak FLOP/s for MFU (0 on ranks that do not log)."""
+        t = self.job.train
+        peak, peak_src = peak_flops(self.device, t.peak_tflops) if self.is_logger else (0.0, "")
+        peak *= self.plan.world_size  # MFU of the whole job: all devices' peaks
+        n_params = param_count(self.gpt_cfg)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
+                 f"{self.gpt_cfg.pos_encoding} positions | objective: {self.objective.name} | data: "
+                 f"{len(self.train_set)} train samples of {self.seq_len} tokens | device: {self.device} | plan: "
+                 f"{self.plan.describe()} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+        if sink:
+            sink.write({"step": 0, "kind": "config", "job": public_dict(self.job), "params": n_params,
+                        "peak_flops": peak})
+        return peak
+
+    def _one_step(self, result: TrainResult, sink: Sink | None, bar, peak: float) -> None:
+        """Hooks, one optimizer step, its metrics (one host sync per log interval), the checkpoint cadence."""
+        t = self.job.train
+        if self.hooks is not None:
+            self.hooks.before_step(self.step)
+        t0 = time.perf_counter()
+        loss, norm = self.train_step()
+        self._pending.append(loss)
+        result.step_times.append(time.perf_counter() - t0)
+        bar.update(1)
+        if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            result.losses += [float(x) for x in self._pending]
+            self._pending = []
+            if sink:
+                self._log_train(sink, bar, result, float(norm), peak)
+        if self.saves.enabled:
+            self._checkpoint_tick(bar)
+
+    def _eval_due(self) -> bool:
+        t = self.job.train
+        return self.val_set is not None and (
+            (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps)
+
+    def _evaluate_and_log(self, result: TrainResult, sink: Sink | None, bar) -> None:
+        val = self.evaluate()
+        result.val_losses[self.step] = val
+        if sink:
+            self._record(sink, {"step": self.step, "kind": "val", "loss": val})
+            self._say(bar, f"step {self.step}: val loss {val:.4f}")
+
+    def _finish(self, result: TrainResult) -> TrainResult:
+        """Throughput over the run, and the final model written (a collective: every rank takes part)."""
+        result.steps = self.step
+        steady = result.step_times[1:] or result.step_times
+        tokens_per_step = self.job.train.global_batch_size * self.seq_len
+        result.tokens_per_s = tokens_per_step * len(steady) / sum(steady) if steady else 0.0
+        result.final_dir = os.path.join(self.job.out_dir, "final")
+        weights = self.full_state_dict()
+        if self.is_logger:
+            meta = {"step": self.step, "job": public_dict(self.job), "plan": json.loads(self.plan.to_json())}
+            save_model_dir(result.final_dir, weights, self.gpt_cfg, self.tokenizer, meta)
+        self.log(f"saved final model to {result.final_dir}")
+        return result
+
+    def _checkpoint_tick(self, bar) -> None:
+        """Commit a finished background save; start a new one at the interval (or when a driver asks)."""
+        done = self.saves.commit_finished()
+        if done and self.is_logger:
+            self._say(bar, f"checkpoint {done}")
+        requested = self.hooks is not None and self.hooks.checkpoint_due(self.step)
+        if self.saves.due(self.step, requested):
+            where = self.save_checkpoint()
+            if self.is_logger:
+                self._say(bar, f"step {self.step}: checkpoint {where}")
+
+    def _say(self, bar, line: str) -> None:
+        """A message between steps: above the progress bar here, or to ``log`` when a driver shows the progress."""
+        if self._sink is not None:
+            self.log(line)
+        else:
+            bar.write(line)
+
+    def _sample_digest(self) -> list[int]:
+        """[first global sample position, crc32 of the global sample ids] of the last step's batch: lets a test
+        check that a run with failures consumed exactly the samples of an uninterrupted one."""
+        gb = self.job.train.global_batch_size
+        start = self.loader.consumed - gb
+        ids = sample_ids(len(self.train_set), self.loader.seed, start, gb)
+        return [start, zlib.crc32(ids.astype("int64").tobytes())]
+
+    def _record(self, sink: Sink, rec: dict) -> None:
+        sink.write(rec)
+        self.saves.keep(rec)  # kept only until a checkpoint covers it
+
+    def _log_train(self, sink: Sink, bar, result: TrainResult, norm: float, peak: float) -> None:
+        t = self.job.train
+        window = result.step_times[-t.log_interval :]
+        tps = t.global_batch_size * self.seq_len * len(window) / sum(window)
+        rec = {
+            "step": self.step,
+            "loss": result.losses[-1],
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "grad_norm": norm,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,
+            "step_time_s": window[-1],
+            "mem_gb": round(peak_memory_gb(self.device), 3),
+            "tokens_seen": self.step * t.global_batch_size * self.seq_len,
+            "samples": self._sample_digest(),
+        }
+        self._record(sink, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
