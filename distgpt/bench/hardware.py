@@ -163,7 +163,7 @@ def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={port}", "-m", "distgpt.bench.hardware", out, job, *overrides]
-    rc = subprocess.run(cmd, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"}).returncode
+    rc = subprocess.run(cmd).returncode  # the ranks keep gloo on loopback themselves (init_distributed)
     if rc == 0 and nproc >= 2:
         calibrate_mechanisms(out, job, overrides)
     return rc

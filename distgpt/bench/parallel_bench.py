@@ -44,7 +44,7 @@ def launch(nproc: int, job: str, extra: list[str], steps: int, plain: bool, out_
            f"--master-port={_port()}", "-m", "distgpt.bench.parallel_worker", out, job, f"--steps={steps}", *extra]
     if plain:
         cmd.append("--plain")
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}  # gloo: init_distributed
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}

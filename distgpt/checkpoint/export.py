@@ -18,6 +18,7 @@ from distgpt.data.tokenizer import Tokenizer, tokenizer_from_json
 from distgpt.errors import DistgptError
 from distgpt.model.config import GPTConfig
 from distgpt.model.gpt import GPT
+from distgpt.parallel.naming import drop_tied_head
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -30,9 +31,7 @@ class ModelDirError(DistgptError, ValueError):
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """The model's persistent state with a tied head dropped (it is the embedding)."""
-    sd = model.state_dict()
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    sd = drop_tied_head(model.state_dict(), model.cfg.tie_embeddings)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 

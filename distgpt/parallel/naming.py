@@ -16,9 +16,7 @@ reshards across pipeline stages too. DeepSpeed's ZeRO partitions get the same na
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 HEAD, EMB = "lm_head.weight.", "tok_emb.weight."
 ENDS = ("tok_emb", "pos_emb", "norm", "lm_head")
 """The model's optional first/last-stage modules (``GPT``: any may be None on a pipeline stage)."""
@@ -42,6 +40,12 @@ class WholeModel(nn.Module):
             setattr(self, name, next((getattr(r, name) for r in roots if getattr(r, name, None) is not None), None))
 
 
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _target(modules: list[nn.Module]) -> nn.Module:
     return modules[0] if len(modules) == 1 else WholeModel(modules)
 
@@ -58,16 +62,20 @@ def _rename(osd: dict, old: str, new: str) -> dict:
 
 def canonical_state_dicts(modules: list[nn.Module], optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of this rank's part, under canonical names (DTensor shards kept)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # imported here: export/generate need not
+
     model = _target(modules)
-    msd, osd = get_state_dict(model, optimizer, options=OPTIONS)
+    msd, osd = get_state_dict(model, optimizer, options=_options())
     return msd, (_rename(osd, HEAD, EMB) if holds_head_copy(model) else osd)
 
 
 def load_canonical_state_dicts(modules: list[nn.Module], optimizer, msd: dict, osd: dict) -> None:
     """Load state dicts in canonical naming (read into ``canonical_state_dicts``' templates) into this rank."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     model = _target(modules)
     osd = _rename(osd, EMB, HEAD) if holds_head_copy(model) else osd
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=OPTIONS)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options())
 
 
 def drop_tied_head(sd: dict, tie_embeddings: bool) -> dict:

@@ -115,7 +115,7 @@ class PipelineEngine(Engine):
     def _run(self, schedule, batch: Batch) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
         self._batch = batch.to(self.mesh.device)
-        args = (self._batch.inputs,) if self.has_first else ()
+        args = (self._batch.inputs.contiguous(),) if self.has_first else ()  # stages check strides
         rows = torch.arange(len(batch), device=self.mesh.device)
         kwargs = {"target": rows, "losses": losses} if self.has_last else {}
         try:

@@ -39,7 +39,7 @@ class Objective:
     def make_batch(self, columns: dict[str, torch.Tensor]) -> Batch:
         """A batch from a loader's columns; ``columns['tokens']`` is (B, T + 1): inputs and shifted targets."""
         tokens = columns["tokens"]
-        return Batch(tokens[:, :-1], tokens[:, 1:])
+        return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
     def token_losses(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """ℓ for every position, (B, T)."""
