@@ -204,6 +204,7 @@ def _moto(port: int | None = None):
 
 
 def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_data, tmp_path, monkeypatch):
+    from distgpt import storage as gstorage
     from distgpt.checkpoint import dcp_io as ckstorage
     from distgpt.storage import StorageError
 
@@ -222,7 +223,7 @@ def test_server_stopped_mid_upload_keeps_the_previous_checkpoint(bucket, tiny_da
         return real(self, path, mode)
 
     monkeypatch.setattr(ckstorage.ArrowFileSystem, "create_stream", stop_during_step_4)
-    monkeypatch.setattr(ckstorage.time, "sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr(gstorage.time, "sleep", lambda s: None)  # skip the retry backoff
     with pytest.raises(StorageError, match="failed after 4 attempts.*Could not connect") as err:
         run(tiny_data, tmp_path / "b", *over, "--train.max_steps=4").fit()
     assert "endpoint_override" not in str(err.value)
