@@ -83,6 +83,11 @@ class DataSection:
     """Read at most this many bytes of text (0: everything)."""
     shard_samples: int = 100_000
     """Samples per Arrow shard."""
+    format: Literal["text", "chat"] = "text"
+    """'text': documents joined into one token stream; 'chat': conversations (.jsonl/.parquet with 'messages' or
+    'prompt'/'response', or builtin:chatterbot/<language>) rendered with the chat template, one row each."""
+    packing: bool = False
+    """chat: pack several conversations per row (attention and positions stay inside each) instead of padding."""
 
 
 @dataclass
@@ -129,8 +134,20 @@ class ObjectiveSection:
     its loss. The engines shard, step and reduce whatever loss it defines."""
 
     kind: str = "lm"
-    """'lm' (next-token prediction on every position), or 'package.module:Class' for your own objective (a
-    subclass of distgpt.train.objectives.Objective)."""
+    """'lm' (next-token prediction on every position), 'sft' (conversations: loss on the assistant's tokens), or
+    'package.module:Class' for your own objective (a subclass of distgpt.train.objectives.base.Objective)."""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """sft: which targets count — the assistant's tokens, or every token of the conversation."""
+
+
+@dataclass
+class InitSection:
+    """Start from a trained model instead of random weights (fine-tuning, continued pre-training)."""
+
+    from_: str = ""
+    """Written ``from``: a checkpoint root (its latest commit), a run's final/ directory or an export, any URI.
+    Weights load into any Plan; the optimizer and schedule start fresh; data is tokenized with the model's
+    tokenizer. A larger vocabulary (new special or language tokens) gets new rows: the mean of the old ones."""
 
 
 @dataclass
@@ -201,6 +218,7 @@ class JobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    init: InitSection = field(default_factory=InitSection)
     plan: Plan = field(default_factory=Plan)
     """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -368,8 +386,8 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
         data = {**data, "plan": plan, "cluster": {**data.get("cluster", {}), "plan": "auto"}}
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-             "sample": SampleSection, "objective": ObjectiveSection, "plan": Plan, "checkpoint": CheckpointSection,
-             "cluster": ClusterSection}
+             "sample": SampleSection, "objective": ObjectiveSection, "init": InitSection, "plan": Plan,
+             "checkpoint": CheckpointSection, "cluster": ClusterSection}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -412,7 +430,7 @@ def validate(job: JobConfig) -> list[str]:
     if not d.sources:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
     p += [f"plan.{msg}" for msg in job.plan.problems(gpt, None, t.global_batch_size)]
-    p += _objective_problems(job.objective)
+    p += _objective_problems(job)
     c = job.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
         p.append("checkpoint: need interval ≥ 0 (0: off), keep_last ≥ 1, keep_every ≥ 0")
@@ -422,13 +440,21 @@ def validate(job: JobConfig) -> list[str]:
     return p
 
 
-def _objective_problems(o: ObjectiveSection) -> list[str]:
+def _objective_problems(job: JobConfig) -> list[str]:
     from distgpt.train.objectives import NAMES
 
-    if o.kind in NAMES or (":" in o.kind and all(part.strip() for part in o.kind.split(":", 1))):
-        return []
-    return [f"objective.kind: unknown objective {o.kind!r} — use one of {', '.join(NAMES)}, or "
-            f"'package.module:Class' for your own"]
+    o, p = job.objective, []
+    if not (o.kind in NAMES or (":" in o.kind and all(part.strip() for part in o.kind.split(":", 1)))):
+        p.append(f"objective.kind: unknown objective {o.kind!r} — use one of {', '.join(NAMES)}, or "
+                 f"'package.module:Class' for your own")
+    if o.kind == "sft" and job.data.format != "chat":
+        p.append("objective.kind: 'sft' trains on conversations — set data.format = 'chat'")
+    if job.data.packing and job.data.format != "chat":
+        p.append("data.packing: packs conversations — set data.format = 'chat' (text is already one stream)")
+    if job.data.packing and job.plan.pp > 1:
+        p.append("data.packing: pipeline stages pass only hidden states, not the segments of packed rows — set "
+                 "data.packing = false or plan.pp = 1")
+    return p
 
 
 def _cluster_problems(c: ClusterSection) -> list[str]:

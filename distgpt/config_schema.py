@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -72,27 +73,37 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         data = {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    keys = {key_of(n): n for n in names}  # a field named for a Python keyword is written without its underscore
     for key in data:
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" — did you mean {prefix}.{near[0]}?" if near else f" — known keys: {', '.join(names)}"
+        if key not in keys:
+            near = difflib.get_close_matches(str(key), list(keys), n=1)
+            hint = f" — did you mean {prefix}.{near[0]}?" if near else f" — known keys: {', '.join(keys)}"
             problems.append(f"{prefix}.{key}: unknown key{hint}")
     kwargs = {}
-    for name in names:
-        if name not in data:
+    for key, name in keys.items():
+        if key not in data:
             continue
-        tp, value = hints[name], data[name]
+        tp, value = hints[name], data[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, value, f"{prefix}.{name}", problems)
+            kwargs[name] = build(tp, value, f"{prefix}.{key}", problems)
             continue
         ok, conv = check_value(tp, value)
         if ok:
             kwargs[name] = conv
         else:
-            problems.append(f"{prefix}.{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            problems.append(f"{prefix}.{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return cls(**kwargs)
 
 
+def key_of(field_name: str) -> str:
+    """The key a job file uses for a field: ``from_`` is written ``from`` (Python keywords take an underscore)."""
+    base = field_name[:-1]
+    return base if field_name.endswith("_") and keyword.iskeyword(base) else field_name
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass tree as plain dicts (for logs and checkpoints)."""
-    return dataclasses.asdict(obj)
+    """A dataclass tree as plain dicts, keyed as job files write them (for logs and checkpoints)."""
+    def keyed(v: Any) -> Any:
+        return {key_of(k): keyed(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return keyed(dataclasses.asdict(obj))

@@ -71,9 +71,9 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
     return model.to(device).eval(), tok, meta
 
 
-def export_checkpoint(root: str, out: str, step: int | None = None) -> int:
-    """Consolidate a (verified) sharded checkpoint under ``root`` into one safetensors model directory ``out``;
-    returns its step. One process reads every shard it needs, so no process group is involved."""
+def read_checkpoint_model(root: str, step: int | None = None) -> tuple[GPT, Tokenizer, dict]:
+    """(the whole model, its tokenizer, the manifest) of the latest (or ``step``'s) verified committed checkpoint
+    under ``root``. One process reads every shard it needs (no process group involved)."""
     import torch.distributed.checkpoint as dcp
 
     from distgpt.checkpoint.dcp_io import ArrowReader
@@ -92,5 +92,13 @@ def export_checkpoint(root: str, out: str, step: int | None = None) -> int:
     dcp.load(state, storage_reader=ArrowReader(c.uri), no_dist=True)
     model.load_state_dict(state["model"])
     tok = tokenizer_from_json(storage.read_bytes(storage.join(c.uri, TOKENIZER_FILE)).decode())
-    save_model_dir(out, model, cfg, tok, {"step": c.step, "plan": manifest.get("plan"), "source": storage.redact(root)})
-    return c.step
+    return model, tok, manifest
+
+
+def export_checkpoint(root: str, out: str, step: int | None = None) -> int:
+    """Consolidate a (verified) sharded checkpoint under ``root`` into one safetensors model directory ``out``;
+    returns its step."""
+    model, tok, manifest = read_checkpoint_model(root, step)
+    save_model_dir(out, model, model.cfg, tok, {"step": manifest["step"], "plan": manifest.get("plan"),
+                                                "source": storage.redact(root)})
+    return manifest["step"]

@@ -32,24 +32,15 @@ from torch.distributed.tensor import DTensor
 
 from distgpt import storage
 from distgpt.checkpoint.dcp_io import ArrowReader, ArrowWriter, first_error, read_checksums, with_retries
+from distgpt.checkpoint.layout import MANIFEST, Committed, committed, step_uri
 from distgpt.checkpoint.snapshot import CpuSnapshotStager, on_cpu
 from distgpt.errors import DistgptError
 from distgpt.parallel.mesh import ensure_process_group
 from distgpt.storage import StorageError, delete_dir, list_dir, redact, redact_text
 
-MANIFEST = "manifest.json"
-
 
 class CheckpointError(DistgptError, RuntimeError):
     """A checkpoint cannot be loaded (missing, corrupt, or incompatible); the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class Committed:
-    """A checkpoint whose manifest exists."""
-
-    step: int
-    uri: str
 
 
 @dataclass(frozen=True)
@@ -69,8 +60,8 @@ def list_checkpoints(root: str) -> list[Listed]:
     """Every step directory under ``root`` with its size and status, oldest first."""
     rows = []
     for info in list_dir(root):
-        if not info.base_name.startswith("step-"):
-            continue
+        if not info.base_name.startswith("step-") or not info.base_name[5:].isdigit():
+            continue  # a stray directory is not a checkpoint
         uri = storage.join(root, info.base_name)
         files = list_dir(uri)
         row = Listed(int(info.base_name[5:]), sum(f.size or 0 for f in files), "partial")
@@ -154,16 +145,12 @@ class CheckpointManager:
         """Step of the newest checkpoint this manager committed or loaded (-1: none yet)."""
 
     def uri(self, step: int) -> str:
-        return storage.join(self.root, f"step-{step:08d}")
+        """The directory of ``step``'s checkpoint."""
+        return step_uri(self.root, step)
 
     def committed(self) -> list[Committed]:
         """Checkpoints with a manifest, oldest first."""
-        out = []
-        for info in list_dir(self.root):
-            name = info.base_name
-            if name.startswith("step-") and storage.exists(storage.join(self.root, name, MANIFEST)):
-                out.append(Committed(int(name[5:]), storage.join(self.root, name)))
-        return sorted(out, key=lambda c: c.step)
+        return committed(self.root)
 
     def save(self, step: int, engine, meta: dict, tokenizer_json: str = "") -> str:
         """Collective, blocking: every rank writes its shards; rank 0 commits. Returns a line for the log."""

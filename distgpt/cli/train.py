@@ -76,14 +76,16 @@ def _train_local(job, plan) -> int:
 def sample(job, final_dir: str) -> None:
     """Print the job's [sample] from the model saved in ``final_dir``."""
     from distgpt.checkpoint.export import load_model_dir
+    from distgpt.data.chat import chat_prompt, stop_ids
     from distgpt.model.generate import SamplingConfig, generate_text
 
     s = job.sample
-    print(f"--- sample (prompt {s.prompt!r}) ---")
-    print(s.prompt, end="")
     cfg = SamplingConfig(s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=job.run.seed)
     model, tok, _ = load_model_dir(final_dir)
-    for piece in generate_text(model, tok, s.prompt, cfg):
+    ids = chat_prompt(tok, [("user", s.prompt)]) if job.data.format == "chat" else None
+    print(f"--- sample ({'user says' if ids else 'prompt'} {s.prompt!r}) ---")
+    print(s.prompt if ids is None else "assistant: ", end="")
+    for piece in generate_text(model, tok, s.prompt, cfg, prompt_ids=ids, stop_ids=stop_ids(tok) if ids else ()):
         print(piece, end="", flush=True)
     print(f"\n--- generate more: distgpt generate --checkpoint {final_dir} --prompt '...' ---")
 

@@ -51,7 +51,8 @@ def load_tokenizer(uri: str) -> Tokenizer:
 
 
 class TokenDataset:
-    """One split of a prepared dataset as an (N, seq_len + 1) array; local shards are memory-mapped."""
+    """One split of a prepared dataset: (N, seq_len + 1) arrays by column — ``tokens`` always; chat data adds
+    ``roles`` and ``segments`` (``data/chat.py``). Local shards are memory-mapped."""
 
     def __init__(self, uri: str, split: str = "train"):
         self.manifest = read_manifest(uri)
@@ -59,22 +60,28 @@ class TokenDataset:
             raise DatasetError(f"{storage.redact(uri)} has no split {split!r}")
         info = self.manifest["splits"][split]
         self.seq_len: int = self.manifest["seq_len"]
-        arrays = [self._open_shard(storage.join(uri, s["file"]), s["num_samples"]) for s in info["shards"]]
-        self.samples = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        shards = [self._open_shard(storage.join(uri, s["file"]), s["num_samples"]) for s in info["shards"]]
+        self.columns: dict[str, np.ndarray] = {
+            name: shards[0][name] if len(shards) == 1 else np.concatenate([sh[name] for sh in shards])
+            for name in shards[0]}
+        self.samples = self.columns["tokens"]
         if len(self.samples) == 0:
             raise DatasetError(f"{storage.redact(uri)}: split {split!r} holds no samples")
 
-    def _open_shard(self, uri: str, expected: int) -> np.ndarray:
+    def _open_shard(self, uri: str, expected: int) -> dict[str, np.ndarray]:
         fs, path = storage.resolve(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             source = pa.memory_map(path)  # zero-copy: the OS pages samples in on demand
         else:
             source = pa.BufferReader(storage.read_bytes(uri))
-        col = pa.ipc.open_file(source).read_all().column("tokens").combine_chunks()
-        arr = col.values.to_numpy(zero_copy_only=True).reshape(-1, self.seq_len + 1)
-        if len(arr) != expected:
-            raise DatasetError(f"{storage.redact(uri)} holds {len(arr)} samples, manifest says {expected}")
-        return arr
+        table = pa.ipc.open_file(source).read_all()
+        out = {}
+        for name in table.column_names:
+            col = table.column(name).combine_chunks()
+            out[name] = col.values.to_numpy(zero_copy_only=True).reshape(-1, self.seq_len + 1)
+        if len(out["tokens"]) != expected:
+            raise DatasetError(f"{storage.redact(uri)} holds {len(out['tokens'])} samples, manifest says {expected}")
+        return out
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,6 +89,10 @@ class TokenDataset:
     def take(self, ids: np.ndarray) -> torch.Tensor:
         """Samples ``ids`` as an int64 tensor (k, seq_len + 1)."""
         return torch.from_numpy(self.samples[ids].astype(np.int64))
+
+    def take_columns(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Samples ``ids`` of every column, each an int64 tensor (k, seq_len + 1)."""
+        return {name: torch.from_numpy(col[ids].astype(np.int64)) for name, col in self.columns.items()}
 
 
 @lru_cache(maxsize=4)
@@ -135,13 +146,13 @@ class DataLoader:
         return ids
 
     def next_columns(self) -> dict[str, torch.Tensor]:
-        """This rank's rows for the next step, by column: ``tokens`` is (share, seq_len + 1) int64 (inputs and
-        shifted targets); an objective turns the columns into its batch."""
-        return {"tokens": self.dataset.take(self.next_ids())}
+        """This rank's rows for the next step, by column, each (share, seq_len + 1) int64: ``tokens`` (inputs and
+        shifted targets), and whatever else the dataset holds; an objective turns the columns into its batch."""
+        return self.dataset.take_columns(self.next_ids())
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (share, seq_len) int64 — for hand-written reference loops."""
-        s = self.next_columns()["tokens"]
+        s = self.dataset.take(self.next_ids())
         return s[:, :-1].contiguous(), s[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, int]:

@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from distgpt import storage
+from distgpt.data.chat import REPLY, read_conversations, render, to_rows
 from distgpt.data.sources import SourceFile, expand_sources, read_documents
-from distgpt.data.tokenizer import Tokenizer, train_tokenizer
+from distgpt.data.tokenizer import CHAT_TOKENS, Tokenizer, tokenizer_from_json, train_tokenizer
 from distgpt.errors import DistgptError
 
 MANIFEST = "manifest.json"
@@ -48,6 +49,12 @@ class PrepareSpec:
     max_bytes: int = 0  # 0: the whole corpus
     shard_samples: int = 100_000
     tokenizer_train_bytes: int = 50_000_000  # BPE merges are learned from at most this much text
+    format: str = "text"
+    """'text': documents joined into one token stream; 'chat': conversations in the chat template (data/chat.py)."""
+    packing: bool = False
+    """chat: several conversations per row (segment ids keep them apart) instead of one per row, padded."""
+    base_tokenizer: str = ""
+    """A tokenizer (its JSON) to use instead of training one: the model's, when fine-tuning from it."""
 
 
 class PrepareError(DistgptError, ValueError):
@@ -94,13 +101,15 @@ def _samples(stream: np.ndarray, seq_len: int, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(view, dtype=dtype)
 
 
-def _write_shards(out: str, split: str, samples: np.ndarray, shard_samples: int) -> list[dict]:
+def _write_shards(out: str, split: str, columns: dict[str, np.ndarray], shard_samples: int) -> list[dict]:
+    """Shards of fixed-size-list columns (every column has the rows as its first dimension)."""
     shards = []
-    width = samples.shape[1]
-    for k, start in enumerate(range(0, len(samples), shard_samples)):
-        chunk = samples[start : start + shard_samples]
-        values = pa.array(chunk.reshape(-1))
-        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, width)})
+    n, width = columns["tokens"].shape
+    for k, start in enumerate(range(0, n, shard_samples)):
+        table = pa.table({name: pa.FixedSizeListArray.from_arrays(pa.array(col[start : start + shard_samples]
+                                                                            .reshape(-1)), width)
+                          for name, col in columns.items()})
+        chunk = columns["tokens"][start : start + shard_samples]
         sink = io.BytesIO()
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
@@ -119,9 +128,11 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
     t0 = time.perf_counter()
     files = expand_sources(list(spec.sources))
     progress(f"reading {len(files)} file(s) from {', '.join(storage.redact(s) for s in spec.sources)}")
+    if spec.format == "chat":
+        return _prepare_chat(spec, files, progress, t0)
     train_text = _documents(files, spec.text_field, min(spec.max_bytes or spec.tokenizer_train_bytes,
                                                         spec.tokenizer_train_bytes))
-    tok = train_tokenizer(spec.tokenizer, train_text, spec.vocab_size)
+    tok = _tokenizer(spec, train_text)
     progress(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
     stream = _encode_stream(tok, _documents(files, spec.text_field, spec.max_bytes))
     n_val = int(len(stream) * spec.val_fraction)
@@ -136,8 +147,21 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
     splits = {}
     for split, part in (("train", stream[: len(stream) - n_val]), ("val", stream[len(stream) - n_val :])):
         samples = _samples(part, spec.seq_len, dtype)
-        shards = _write_shards(spec.out, split, samples, spec.shard_samples)
+        shards = _write_shards(spec.out, split, {"tokens": samples}, spec.shard_samples)
         splits[split] = {"num_samples": len(samples), "num_tokens": int(len(part)), "shards": shards}
+    return _finish(spec, tok, dtype, splits, len(files), {}, progress, t0)
+
+
+def _tokenizer(spec: PrepareSpec, texts: Iterator[str]) -> Tokenizer:
+    """The model's tokenizer when one is given (fine-tuning), else one trained on ``texts``."""
+    if spec.base_tokenizer:
+        return tokenizer_from_json(spec.base_tokenizer)
+    return train_tokenizer(spec.tokenizer, texts, spec.vocab_size)
+
+
+def _finish(spec: PrepareSpec, tok: Tokenizer, dtype: np.dtype, splits: dict, n_files: int, extra: dict,
+            progress: Callable[[str], None], t0: float) -> dict:
+    """Tokenizer, then the manifest (last: a dataset without one does not exist)."""
     storage.write_bytes(storage.join(spec.out, "tokenizer.json"), tok.to_json().encode())
     manifest = {
         "format": FORMAT,
@@ -145,9 +169,10 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
         "dtype": dtype.name,
         "tokenizer": {"file": "tokenizer.json", "kind": tok.kind, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "sources": [storage.redact(s) for s in spec.sources],
-        "num_files": len(files),
+        "num_files": n_files,
         "splits": splits,
         "created_unix": time.time(),
+        **extra,
     }
     storage.write_bytes(storage.join(spec.out, MANIFEST), json.dumps(manifest, indent=2).encode())
     progress(
@@ -157,16 +182,57 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
     return manifest
 
 
+def _prepare_chat(spec: PrepareSpec, files: list[SourceFile], progress: Callable[[str], None], t0: float) -> dict:
+    """Conversations in the chat template → rows with ``tokens``, ``roles`` and ``segments`` columns."""
+    convs = [c for f in files for c in read_conversations(f)]
+    if not convs:
+        raise PrepareError(f"no conversations in {', '.join(storage.redact(s) for s in spec.sources)} — see "
+                           "data/chat.py for the formats read")
+    # A fixed shuffle: files group conversations by topic, so the tail would make a validation set of other topics.
+    convs = [convs[i] for i in np.random.default_rng(0).permutation(len(convs))]
+    tok = _tokenizer(spec, (text for c in convs for _, text in c)).with_specials(CHAT_TOKENS)
+    progress(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens (with chat markers); {len(convs)} conversations")
+    n_val = max(1, int(len(convs) * spec.val_fraction)) if spec.val_fraction > 0 else 0
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+    splits, truncated, counted = {}, 0, 0
+    for split, part in (("train", convs[: len(convs) - n_val]), ("val", convs[len(convs) - n_val :])):
+        rows = to_rows([render(tok, c) for c in part], spec.seq_len + 1, tok.eot_id, spec.packing)
+        if split == "train" and len(rows.tokens) == 0:
+            raise PrepareError("every conversation went to validation — lower data.val_fraction or add data")
+        truncated += rows.truncated
+        counted += int((rows.roles == REPLY).sum())
+        columns = {"tokens": rows.tokens.astype(dtype), "roles": rows.roles, "segments": rows.segments}
+        shards = _write_shards(spec.out, split, columns, spec.shard_samples)
+        splits[split] = {"num_samples": len(rows.tokens), "num_tokens": int((rows.roles != 0).sum()),
+                         "conversations": len(part), "shards": shards}
+    if truncated:
+        progress(f"note: {truncated} conversation(s) longer than seq_len + 1 = {spec.seq_len + 1} tokens were cut")
+    chat = {"packing": spec.packing, "truncated": truncated, "assistant_tokens": counted,
+            "template": "<|role|> text <|end|> … <|endoftext|>"}
+    return _finish(spec, tok, dtype, splits, len(files), {"columns": list(columns), "chat": chat}, progress, t0)
+
+
 def spec_for(job, out: str | None = None) -> PrepareSpec:
     """The PrepareSpec of a job's [data] section (written to ``out``, default the job's prepared directory)."""
     d = job.data
     return PrepareSpec(tuple(d.sources), out or job.prepared_dir, d.tokenizer, d.vocab_size, job.seq_len,
-                       d.val_fraction, d.text_field, d.max_bytes, d.shard_samples)
+                       d.val_fraction, d.text_field, d.max_bytes, d.shard_samples, format=d.format,
+                       packing=d.packing)
 
 
 def prepare_job(job, out: str | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Tokenize and shard a job's corpus (``distgpt data prepare``); returns the manifest."""
-    return prepare(spec_for(job, out), progress)
+    """Tokenize and shard a job's corpus (``distgpt data prepare``); returns the manifest. A job that starts from
+    a trained model (``init.from``) keeps that model's tokenizer."""
+    spec = spec_for(job, out)
+    if job.init.from_:
+        from dataclasses import replace
+
+        from distgpt.checkpoint.layout import model_tokenizer_uri
+
+        base = storage.read_bytes(model_tokenizer_uri(job.init.from_)).decode()
+        progress(f"tokenizer: the model's, from {storage.redact(job.init.from_)}")
+        spec = replace(spec, base_tokenizer=base)
+    return prepare(spec, progress)
 
 
 def ensure_prepared(job, progress: Callable[[str], None] = print) -> dict:

@@ -72,6 +72,11 @@ def expand_sources(sources: list[str]) -> list[SourceFile]:
         if src == BUILTIN_STDLIB:
             out.extend(_stdlib_files())
             continue
+        if src.startswith("builtin:chatterbot/"):
+            from distgpt.data.chat import chatterbot_files  # imported here: chat.py builds on this module
+
+            out.extend(chatterbot_files(src))
+            continue
         fs, path = resolve(src)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:

@@ -11,6 +11,9 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 EOT = "<|endoftext|>"
+USER, ASSISTANT, SYSTEM, END = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+"""Role markers of the chat template (``data/chat.py``): special tokens appended after the existing vocabulary."""
 
 
 class Tokenizer(Protocol):
@@ -26,16 +29,32 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def to_json(self) -> str: ...
+    def special_id(self, token: str) -> int | None: ...
+    def with_specials(self, tokens: Sequence[str]) -> Tokenizer: ...
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus an end-of-text token 256. No training; ideal for tiny runs."""
+    """UTF-8 bytes as tokens 0..255, an end-of-text token 256, then any special tokens (257, 258, …). No training;
+    ideal for tiny runs."""
 
     kind = "byte"
 
+    def __init__(self, specials: Sequence[str] = ()):
+        self.specials = tuple(specials)
+
     @property
     def vocab_size(self) -> int:
-        return 257
+        return 257 + len(self.specials)
+
+    def special_id(self, token: str) -> int | None:
+        """The id of a special token (None if this tokenizer has none by that name)."""
+        if token == EOT:
+            return 256
+        return 257 + self.specials.index(token) if token in self.specials else None
+
+    def with_specials(self, tokens: Sequence[str]) -> ByteTokenizer:
+        """This tokenizer with ``tokens`` appended where missing; every existing id stays."""
+        return ByteTokenizer(self.specials + tuple(t for t in tokens if self.special_id(t) is None))
 
     @property
     def eot_id(self) -> int:
@@ -52,7 +71,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def to_json(self) -> str:
-        return json.dumps({"distgpt_tokenizer": "byte"})
+        return json.dumps({"distgpt_tokenizer": "byte", **({"specials": list(self.specials)} if self.specials else {})})
 
 
 class BPETokenizer:
@@ -101,6 +120,20 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def special_id(self, token: str) -> int | None:
+        """The id of a special token (None if this tokenizer has none by that name)."""
+        return self._tok.token_to_id(token)
+
+    def with_specials(self, tokens: Sequence[str]) -> BPETokenizer:
+        """A copy with ``tokens`` appended as special tokens where missing; every existing id stays."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        missing = [t for t in tokens if tok.token_to_id(t) is None]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        return BPETokenizer(tok)
+
     def to_json(self) -> str:
         return self._tok.to_str()
 
@@ -109,7 +142,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     """Rebuild a tokenizer from what ``to_json`` wrote."""
     data = json.loads(text)
     if data.get("distgpt_tokenizer") == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(data.get("specials", ()))
     from tokenizers import Tokenizer as HFTokenizer
 
     return BPETokenizer(HFTokenizer.from_str(text))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,8 +99,11 @@ def generate_text(
     prompt: str,
     cfg: SamplingConfig,
     stop: Sequence[str] = (),
+    prompt_ids: Sequence[int] | None = None,
+    stop_ids: Collection[int] = (),
 ) -> Iterator[str]:
-    """Stream decoded text after ``prompt``; stop at (and exclude) the first stop sequence.
+    """Stream decoded text after ``prompt``; stop at (and exclude) the first stop sequence or ``stop_ids`` token.
+    ``prompt_ids`` replaces the encoded prompt (a chat template's markers are token ids, not text).
 
     Byte-level tokens may split a UTF-8 character, so text is released only once it decodes cleanly, and enough of
     it is held back to recognise a stop sequence that straddles two tokens.
@@ -109,7 +112,9 @@ def generate_text(
     new: list[int] = []
     emitted = 0
     text = ""
-    for tok in generate_ids(model, codec.encode(prompt), cfg):
+    for tok in generate_ids(model, list(prompt_ids) if prompt_ids is not None else codec.encode(prompt), cfg):
+        if tok in stop_ids:
+            break
         new.append(tok)
         text = codec.decode(new)
         hits = [text.find(s, max(0, emitted - len(s))) for s in stop]

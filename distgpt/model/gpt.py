@@ -4,6 +4,8 @@ Shapes: B batch, T sequence, C = n_embd, nh = local heads, hs = head_dim, V = vo
 Blocks sit in a ``ModuleDict`` keyed by layer index, and ``tok_emb`` / ``pos_emb`` / ``norm`` / ``lm_head`` may be
 ``None``, so a pipeline stage keeps only what it owns (the first stage takes token ids, later ones hidden states).
 Attention derives its head count from the projection's width, so a tensor-parallel shard (fewer columns) just works.
+Packed rows (several documents per row) pass ``segments`` (B, T): attention stays inside each segment and positions
+restart at each one, so a packed row computes exactly what its documents would alone.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (B, T) segment ids: each token's position inside its segment (B, T), and the attention mask (B, 1, T, T)
+    that lets a query see the keys of its own segment up to itself (block-diagonal causal)."""
+    b, t = segments.shape
+    idx = torch.arange(t, device=segments.device).expand(b, t)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values  # start of each segment
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return idx - first, (same & causal).unsqueeze(1)
 
 
 class KVCache:
@@ -79,19 +94,25 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         start_pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``rope``: (cos, sin) tables (T_max, hs) sliced from ``start_pos``, or already per token (B, 1, T, hs).
+        ``mask``: (B, 1, T, T) bool, True where a query may see a key (packed segments); else causal."""
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism the projection holds only this rank's heads.
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][start_pos : start_pos + t], rope[1][start_pos : start_pos + t]
+            cos, sin = rope if rope[0].dim() == 4 else (rope[0][start_pos : start_pos + t],
+                                                        rope[1][start_pos : start_pos + t])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, nh, start_pos+T, hs)
         p = self.dropout if self.training else 0.0
-        if cache is None or start_pos == 0:
+        if mask is not None:  # packed segments: block-diagonal causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif cache is None or start_pos == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif t == 1:  # one new query may see every cached key
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
@@ -127,8 +148,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), rope, cache, start_pos))
+    def forward(self, x, rope=None, cache: KVCache | None = None, start_pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope, cache, start_pos, mask))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -181,17 +203,18 @@ class GPT(nn.Module):
             for i in self.layers
         }
 
-    def embed(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """(B, T) token ids → (B, T, C) input of the first block."""
+    def embed(self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids → (B, T, C) input of the first block (``positions``: (B, T) per-token positions)."""
         assert self.tok_emb is not None, "this stage holds no embedding"
         t = tokens.shape[1]
         if start_pos + t > self.cfg.block_size:
             raise ValueError(f"sequence of {start_pos + t} tokens exceeds block_size {self.cfg.block_size}")
         h = self.tok_emb(tokens)
+        pos = positions if positions is not None else torch.arange(start_pos, start_pos + t, device=tokens.device)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(torch.arange(start_pos, start_pos + t, device=tokens.device))
+            h = h + self.pos_emb(pos)
         elif self.cfg.pos_encoding == "sinusoidal":
-            h = h + self.pos_table[start_pos : start_pos + t].to(h.dtype)
+            h = h + self.pos_table[pos].to(h.dtype)
         return self.drop(h)
 
     def forward(
@@ -199,13 +222,19 @@ class GPT(nn.Module):
         x: torch.Tensor,
         caches: dict[str, KVCache] | None = None,
         start_pos: int = 0,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) — or hidden states (B, T, C) on a later pipeline stage — to logits (B, T, V),
-        or to hidden states when this stage has no LM head."""
-        h = self.embed(x, start_pos) if self.tok_emb is not None else x
+        or to hidden states when this stage has no LM head. ``segments`` (B, T): packed documents (module doc)."""
+        positions = mask = None
+        if segments is not None:
+            positions, mask = segment_layout(segments)
+        h = self.embed(x, start_pos, positions) if self.tok_emb is not None else x
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos_encoding == "rotary" else None
+        if rope is not None and positions is not None:
+            rope = (rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1))  # (B, 1, T, hs)
         for i, block in self.layers.items():
-            h = block(h, rope, caches[i] if caches is not None else None, start_pos)
+            h = block(h, rope, caches[i] if caches is not None else None, start_pos, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:

@@ -96,7 +96,7 @@ class DeepSpeedEngine(LocalEngine):
         scale = self.mesh.plan.dp * self.engine.gradient_accumulation_steps() / denom
         for mb in self.micro_batches(batch):
             with self.autocast:
-                piece = self.objective.loss(self.engine(mb.inputs), mb)
+                piece = self.objective.loss(self.engine(mb.inputs, **self.objective.model_inputs(mb)), mb)
             self.engine.backward(piece * scale)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += piece.detach().float()

@@ -34,6 +34,9 @@ class Objective(Protocol):
     def normaliser(self, batch: Batch) -> torch.Tensor:
         """D for the rows of ``batch`` (0-d float)."""
 
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Keyword inputs of the model's forward besides the tokens (packed segments)."""
+
 
 def grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Global L2 norm of the gradients of ``params``: DTensor shards reduced over their mesh, then summed over
@@ -163,7 +166,7 @@ class LocalEngine(Engine):
                 model.set_requires_gradient_sync(True)
             with self._no_sync(last), loss_context(self.mesh.plan.tp):
                 with self.autocast:
-                    piece = self.objective.loss(model(mb.inputs), mb)
+                    piece = self.objective.loss(model(mb.inputs, **self.objective.model_inputs(mb)), mb)
                 (piece * scale).backward()
             total += _local(piece.detach()).float()
         params = self.unique_params()
@@ -179,7 +182,8 @@ class LocalEngine(Engine):
         total = torch.zeros((), device=self.mesh.device)
         for mb in self.micro_batches(batch):
             with loss_context(self.mesh.plan.tp), self.autocast:
-                total += _local(self.objective.loss(self.modules[0](mb.inputs), mb)).float()
+                out = self.modules[0](mb.inputs, **self.objective.model_inputs(mb))
+                total += _local(self.objective.loss(out, mb)).float()
         return total, self.objective.normaliser(batch).to(self.mesh.device)
 
 

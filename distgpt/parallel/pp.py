@@ -113,6 +113,9 @@ class PipelineEngine(Engine):
         return root.tok_emb.weight if self.has_first else root.lm_head.weight
 
     def _run(self, schedule, batch: Batch) -> list[torch.Tensor]:
+        if self.objective.model_inputs(batch):
+            raise ValueError("pipeline stages take only token ids or hidden states: packed rows (segments) need "
+                             "plan.pp = 1 — or set data.packing = false")
         losses: list[torch.Tensor] = []
         self._batch = batch.to(self.mesh.device)
         args = (self._batch.inputs.contiguous(),) if self.has_first else ()  # stages check strides

@@ -26,6 +26,7 @@ from distgpt.parallel import OptimSettings, full_state_dict, parallelize
 from distgpt.parallel.mesh import build_mesh, init_distributed
 from distgpt.planner.plan import Plan
 from distgpt.train.checkpointing import RunCheckpoints, checkpoint_meta
+from distgpt.train.init import load_initial_weights
 from distgpt.train.metrics import MetricsSink, peak_flops, peak_memory_gb, progress_bar
 from distgpt.train.objectives import resolve
 from distgpt.train.schedule import lr_at
@@ -98,9 +99,13 @@ class Trainer:
         self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
         self.seq_len = self.train_set.seq_len
         self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
-        self.objective = resolve(job.objective.kind)
+        self.objective = resolve(job.objective.kind, job.objective)
+        self.objective.check_data(self.train_set.manifest)
         torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
-        self.engine = parallelize(GPT(self.gpt_cfg), self.mesh, OptimSettings(
+        model = GPT(self.gpt_cfg)
+        if job.init.from_:
+            self.log(load_initial_weights(model, job.init.from_))
+        self.engine = parallelize(model, self.mesh, OptimSettings(
             t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
             self.objective)
         self.shares = self.plan.shares(t.global_batch_size)

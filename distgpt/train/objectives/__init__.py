@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from distgpt.train.objectives.base import Objective
 
-NAMES = {"lm": "distgpt.train.objectives.lm:NextToken"}
+NAMES = {"lm": "distgpt.train.objectives.lm:NextToken", "sft": "distgpt.train.objectives.sft:SupervisedChat"}
 """Built-in objectives: ``[objective] kind`` → 'module:class'."""
 
 
-def resolve(kind: str) -> Objective:
-    """An instance of the objective ``kind``: a name in ``NAMES`` or 'package.module:Class' (your own)."""
+def resolve(kind: str, settings=None) -> Objective:
+    """An instance of the objective ``kind``: a name in ``NAMES`` or 'package.module:Class' (your own), given the
+    job's ``[objective]`` section."""
     from distgpt.config_schema import ConfigError
     from distgpt.train.objectives.base import Objective
 
@@ -32,4 +33,4 @@ def resolve(kind: str) -> Objective:
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
         raise ConfigError([f"objective.kind: {kind!r} is not a subclass of distgpt.train.objectives.base.Objective"],
                           "[objective]")
-    return cls()
+    return cls(settings)

@@ -36,6 +36,17 @@ class Objective:
 
     name = "objective"
 
+    def __init__(self, settings=None):
+        """``settings``: the job's ``[objective]`` section (objectives read the keys that are theirs)."""
+        self.settings = settings
+
+    def check_data(self, manifest: dict) -> None:
+        """Refuse a prepared dataset this objective cannot train on (the manifest says what it holds)."""
+
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Keyword inputs the model needs besides the tokens (e.g. packed ``segments``); none by default."""
+        return {}
+
     def make_batch(self, columns: dict[str, torch.Tensor]) -> Batch:
         """A batch from a loader's columns; ``columns['tokens']`` is (B, T + 1): inputs and shifted targets."""
         tokens = columns["tokens"]
