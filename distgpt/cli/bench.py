@@ -57,6 +57,19 @@ def checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.uri, args.repeats)
 
 
+def sft(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Supervised fine-tuning throughput, packed rows vs one conversation per padded row."""
+    from distgpt.bench.sft_bench import run
+
+    return run(args.job, overrides, args.steps, args.repeats)
+
+
+def _sft_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/sft.toml")(p)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=6, help="timed blocks per layout (alternated)")
+
+
 def _job(default: str):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("job", nargs="?", default=default)
@@ -113,6 +126,8 @@ COMMANDS = [
             _hardware_args),
     Command(("bench", "checkpoint"), "checkpoint save/load vs raw pyarrow I/O; async vs blocking stall", checkpoint,
             _checkpoint_args),
+    Command(("bench", "sft"), "fine-tuning throughput: packed rows vs one conversation per padded row", sft,
+            _sft_args),
     Command(("bench", "planner"), "planning time for 1,024 and 16,384 devices of 4 types", planner),
     Command(("bench", "plan-accuracy"), "run the planner's plans here; predicted vs measured", accuracy,
             _accuracy_args),
