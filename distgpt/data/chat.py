@@ -158,27 +158,21 @@ class Rows:
 
 def to_rows(rendered: list[tuple[list[int], list[int]]], width: int, pad_id: int, packing: bool) -> Rows:
     """Lay rendered conversations into rows of ``width`` tokens: one per row (padded), or packed in order."""
-    rows_t: list[list[int]] = []
-    rows_r: list[list[int]] = []
-    rows_s: list[list[int]] = []
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (tokens, roles, segment ids) of each row
     truncated = 0
-    cur_t: list[int] = []
-    cur_r: list[int] = []
-    cur_s: list[int] = []
     for ids, roles in rendered:
         if len(ids) > width:
             ids, roles, truncated = ids[:width], roles[:width], truncated + 1
-        if cur_t and (not packing or len(cur_t) + len(ids) > width):
-            rows_t.append(cur_t), rows_r.append(cur_r), rows_s.append(cur_s)
-            cur_t, cur_r, cur_s = [], [], []
-        seg = (cur_s[-1] + 1) if cur_s else 1
-        cur_t, cur_r, cur_s = cur_t + ids, cur_r + roles, cur_s + [seg] * len(ids)
-    if cur_t:
-        rows_t.append(cur_t), rows_r.append(cur_r), rows_s.append(cur_s)
-    n = len(rows_t)
-    tokens = np.full((n, width), pad_id, dtype=np.int64)
-    roles_a = np.zeros((n, width), dtype=np.uint8)
-    segs = np.zeros((n, width), dtype=np.int32)
-    for i, (t, r, s) in enumerate(zip(rows_t, rows_r, rows_s, strict=True)):
-        tokens[i, : len(t)], roles_a[i, : len(r)], segs[i, : len(s)] = t, r, s
-    return Rows(tokens, roles_a, segs, truncated)
+        if not rows or not packing or len(rows[-1][0]) + len(ids) > width:
+            rows.append(([], [], []))
+        tokens, codes, segments = rows[-1]
+        seg = segments[-1] + 1 if segments else 1
+        tokens += ids
+        codes += roles
+        segments += [seg] * len(ids)
+    out = Rows(np.full((len(rows), width), pad_id, dtype=np.int64), np.zeros((len(rows), width), dtype=np.uint8),
+               np.zeros((len(rows), width), dtype=np.int32), truncated)
+    for i, (tokens, codes, segments) in enumerate(rows):
+        out.tokens[i, : len(tokens)], out.roles[i, : len(codes)], out.segments[i, : len(segments)] = \
+            tokens, codes, segments
+    return out
