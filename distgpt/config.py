@@ -88,6 +88,10 @@ class DataSection:
     'prompt'/'response', or builtin:chatterbot/<language>) rendered with the chat template, one row each."""
     packing: bool = False
     """chat: pack several conversations per row (attention and positions stay inside each) instead of padding."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Other prepared datasets (their data.prepared) → the share of every global batch drawn from each, e.g.
+    {"data/demo" = 0.2} replays 20% of the original language while continuing pre-training on a new one. Same
+    seq_len and columns; the job's own dataset gets the rest. Validation reports a loss per dataset."""
 
 
 @dataclass
@@ -427,6 +431,8 @@ def validate(job: JobConfig) -> list[str]:
         p.append(f"data.val_fraction: must be in [0, 0.5], got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 258:
         p.append(f"data.vocab_size: BPE needs at least 258 tokens, got {d.vocab_size}")
+    if any(not 0 < f < 1 for f in d.mix.values()) or sum(d.mix.values()) >= 1:
+        p.append(f"data.mix: shares {d.mix} must each be in (0, 1) and leave a share for the job's own data")
     if not d.sources:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
     p += [f"plan.{msg}" for msg in job.plan.problems(gpt, None, t.global_batch_size)]

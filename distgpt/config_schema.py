@@ -32,6 +32,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) in (list, tuple):
         return f"list of {_type_name(get_args(tp)[0])}"
+    if get_origin(tp) is dict:
+        return f"table of {_type_name(get_args(tp)[0])} → {_type_name(get_args(tp)[1])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -48,6 +50,13 @@ def check_value(tp: Any, value: Any) -> tuple[bool, Any]:
             if ok:
                 return True, v
         return False, value
+    if origin is dict:  # TOML tables / YAML mappings of one key and one value type
+        if not isinstance(value, dict):
+            return False, value
+        kt, vt = get_args(tp)
+        conv = {k: check_value(vt, v) for k, v in value.items()}
+        ok = all(check_value(kt, k)[0] and c[0] for k, c in conv.items())
+        return ok, {k: c[1] for k, c in conv.items()}
     if origin in (list, tuple):  # tuple[X, ...] fields take TOML arrays too
         if not isinstance(value, (list, tuple)):
             return False, value

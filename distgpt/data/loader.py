@@ -94,6 +94,10 @@ class TokenDataset:
         """Samples ``ids`` of every column, each an int64 tensor (k, seq_len + 1)."""
         return {name: torch.from_numpy(col[ids].astype(np.int64)) for name, col in self.columns.items()}
 
+    def rows(self, seed: int, start: int, count: int, shuffle: bool = True) -> dict[str, torch.Tensor]:
+        """Columns of global sample positions start .. start+count-1 (the order: ``sample_ids``)."""
+        return self.take_columns(sample_ids(len(self), seed, start, count, shuffle))
+
 
 @lru_cache(maxsize=4)
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -148,7 +152,9 @@ class DataLoader:
     def next_columns(self) -> dict[str, torch.Tensor]:
         """This rank's rows for the next step, by column, each (share, seq_len + 1) int64: ``tokens`` (inputs and
         shifted targets), and whatever else the dataset holds; an objective turns the columns into its batch."""
-        return self.dataset.take_columns(self.next_ids())
+        rows = self.dataset.rows(self.seed, self.consumed + self.offset, self.shares[self.dp_rank], self.shuffle)
+        self.consumed += self.global_batch
+        return rows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (share, seq_len) int64 — for hand-written reference loops."""

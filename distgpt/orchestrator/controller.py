@@ -174,7 +174,7 @@ class Controller:
         """Pass a metric record on. A resumed rank 0 replays the records its checkpoint carried (the lost attempt
         may have died before they were polled): those already emitted are dropped, the missing ones fill the gap.
         Records of steps re-run after a failure are not replays and always pass (they belong to the final run)."""
-        key = (r.get("kind"), r.get("step"))
+        key = (r.get("kind"), r.get("step"), r.get("source"))
         if r.pop("replayed", False) and key in self._recorded:
             return
         self._recorded.add(key)

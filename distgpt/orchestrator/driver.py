@@ -85,10 +85,12 @@ def _absolute(job: JobConfig) -> JobConfig:
         return p if not p or "://" in p else os.path.abspath(p)
 
     run = dataclasses.replace(job.run, out_dir=fix(job.out_dir))
-    data = dataclasses.replace(job.data, prepared=fix(job.prepared_dir))
+    data = dataclasses.replace(job.data, prepared=fix(job.prepared_dir),
+                               mix={fix(uri): share for uri, share in job.data.mix.items()})
     ckpt = dataclasses.replace(job.checkpoint, uri=fix(job.checkpoint_uri))
+    init = dataclasses.replace(job.init, from_=fix(job.init.from_))
     train = dataclasses.replace(job.train, progress=False)  # the driver draws the bar
-    return dataclasses.replace(job, run=run, data=data, checkpoint=ckpt, train=train)
+    return dataclasses.replace(job, run=run, data=data, checkpoint=ckpt, train=train, init=init)
 
 
 def choose_plan(job: JobConfig, plan: Plan | None, log=print) -> Plan:

@@ -17,9 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
+from distgpt import storage
 from distgpt.checkpoint.export import save_model_dir
 from distgpt.config import JobConfig, public_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, sample_ids
+from distgpt.data.mixture import open_mixture
 from distgpt.model.gpt import GPT
 from distgpt.model.presets import mfu, param_count
 from distgpt.parallel import OptimSettings, full_state_dict, parallelize
@@ -41,6 +43,8 @@ class TrainResult:
     """Training loss of every step (the objective over the global batch)."""
     val_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by step."""
+    mix_val_losses: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Validation loss of each mixed-in dataset (data.mix) by step."""
     tokens_per_s: float = 0.0
     """Mean throughput over the steps after the first (which pays one-off costs)."""
     step_times: list[float] = field(default_factory=list)
@@ -109,8 +113,11 @@ class Trainer:
             t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
             self.objective)
         self.shares = self.plan.shares(t.global_batch_size)
-        self.loader = DataLoader(self.train_set, t.global_batch_size, job.run.seed, self.mesh.coords["dp"],
-                                 self.shares)
+        rows = open_mixture(self.train_set, job.data.mix, "train", t.global_batch_size) if job.data.mix \
+            else self.train_set
+        self.loader = DataLoader(rows, t.global_batch_size, job.run.seed, self.mesh.coords["dp"], self.shares)
+        self.mix_val = {uri: TokenDataset(uri, "val") for uri in job.data.mix} if self.val_set is not None else {}
+        """Validation splits of the mixed-in datasets: their loss shows what continued training forgets."""
         self.saves = RunCheckpoints(job, self.log)
         self.checkpoints = self.saves.manager if self.saves.enabled else None
         self.step = 0
@@ -134,13 +141,15 @@ class Trainer:
         return loss, norm
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """The objective over a fixed validation set: the first eval_batches global batches, in order."""
-        assert self.val_set is not None
+    def evaluate(self, dataset: TokenDataset | None = None) -> float:
+        """The objective over a fixed validation set (the job's, or ``dataset``): the first eval_batches global
+        batches, in order."""
+        dataset = dataset or self.val_set
+        assert dataset is not None
         for m in self.engine.modules:
             m.eval()
         t = self.job.train
-        val = DataLoader(self.val_set, t.global_batch_size, 0, self.mesh.coords["dp"], self.shares, shuffle=False)
+        val = DataLoader(dataset, t.global_batch_size, 0, self.mesh.coords["dp"], self.shares, shuffle=False)
         sums = torch.zeros(2, device=self.device)
         for _ in range(t.eval_batches):
             numerator, normaliser = self.engine.eval_sums(self.objective.make_batch(val.next_columns()))
@@ -230,6 +239,12 @@ class Trainer:
         if sink:
             self._record(sink, {"step": self.step, "kind": "val", "loss": val})
             self._say(bar, f"step {self.step}: val loss {val:.4f}")
+        for uri, dataset in self.mix_val.items():
+            loss = self.evaluate(dataset)
+            result.mix_val_losses.setdefault(uri, {})[self.step] = loss
+            if sink:
+                self._record(sink, {"step": self.step, "kind": "val", "source": storage.redact(uri), "loss": loss})
+                self._say(bar, f"step {self.step}: val loss on {storage.redact(uri)} {loss:.4f}")
 
     def _finish(self, result: TrainResult) -> TrainResult:
         """Throughput over the run, and the final model written (a collective: every rank takes part)."""
