@@ -138,6 +138,23 @@ def chat_data(tmp_path_factory) -> dict[str, str]:
 
 
 SFT = ["--objective.kind=sft", "--data.format=chat", "--model.vocab_size=264"]  # 261 tokens, padded for tp=2
+
+
+def _sft_over(layout: str) -> list[str]:
+    return [*SFT, f"--data.packing={str(layout == 'packed').lower()}"]
+
+
+@pytest.fixture(scope="module")
+def sft_reference(chat_data, tmp_path_factory):
+    """One-process SFT runs, one per layout, trained on first use and shared by the cases."""
+    runs: dict[str, dict] = {}
+
+    def get(layout: str) -> dict:
+        if layout not in runs:
+            runs[layout] = train(tmp_path_factory.mktemp(f"sftref-{layout}"), chat_data[layout], 1, _sft_over(layout))
+        return runs[layout]
+
+    return get
 SFT_CASES = {"dp2-ddp": "packed", "dp2-zero2": "packed", "tp2": "packed", "dp2-uneven-shares-3:1": "packed",
              "pp2-1f1b": "padded"}
 """Packed rows carry segments, which pipeline stages cannot pass on: PP trains on one conversation per row."""
@@ -146,12 +163,11 @@ SFT_CASES = {"dp2-ddp": "packed", "dp2-zero2": "packed", "tp2": "packed", "dp2-u
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", list(SFT_CASES))
-def test_sft_on_conversations_matches_single_process(case, chat_data, tmp_path):
+def test_sft_on_conversations_matches_single_process(case, chat_data, sft_reference, tmp_path):
     nproc, extra = CASES[case]
     layout = SFT_CASES[case]
-    over = [*SFT, f"--data.packing={str(layout == 'packed').lower()}"]
-    ref = train(tmp_path / "ref", chat_data[layout], 1, over)
-    got = train(tmp_path / "got", chat_data[layout], nproc, [*extra, *over])
+    ref = sft_reference(layout)
+    got = train(tmp_path / "got", chat_data[layout], nproc, [*extra, *_sft_over(layout)])
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
     assert got["val"] == pytest.approx(ref["val"], rel=1e-4)
     # atol 1e-5, not 1e-6: masked targets leave many near-zero gradients, where Adam's m/sqrt(v) turns the tensor-
@@ -160,15 +176,21 @@ def test_sft_on_conversations_matches_single_process(case, chat_data, tmp_path):
         torch.testing.assert_close(got["params"][name], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def init_reference(reference, tiny_data, tmp_path_factory) -> dict:
+    """One process starting from the reference run's final weights."""
+    return train(tmp_path_factory.mktemp("initref"), tiny_data, 1, [f"--init.from={reference['out'] / 'final'}"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", ["pp2-1f1b", "dp2xtp2-fsdp"])
-def test_init_from_a_trained_model_into_another_plan_matches_single_process(case, reference, tiny_data, tmp_path):
+def test_init_from_a_trained_model_into_another_plan_matches_single_process(case, reference, init_reference,
+                                                                           tiny_data, tmp_path):
     """Weights trained in one process (the reference run's final/) start a run under another Plan: the same
     first-step loss (and run) as starting from them in one process, and not the loss of a fresh model."""
-    source = f"--init.from={reference['out'] / 'final'}"
-    one = train(tmp_path / "one", tiny_data, 1, [source])
+    one = init_reference
     nproc, extra = CASES[case]
-    got = train(tmp_path / "got", tiny_data, nproc, [*extra, source])
+    got = train(tmp_path / "got", tiny_data, nproc, [*extra, f"--init.from={reference['out'] / 'final'}"])
     assert got["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert one["losses"][0] < reference["losses"][0] - 0.05  # it did start from the trained weights
