@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 
 from distgpt import storage
-from distgpt.checkpoint.layout import is_model_dir
+from distgpt.checkpoint.layout import committed, is_model_dir
 from distgpt.config_schema import ConfigError
 from distgpt.model.config import GPTConfig
 from distgpt.model.gpt import GPT
@@ -29,6 +29,10 @@ def read_initial(uri: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The trained model's config and its full state dict (tied head left out)."""
     from distgpt.checkpoint.export import load_model_dir, model_tensors, read_checkpoint_model
 
+    if not is_model_dir(uri) and not committed(uri):
+        raise ConfigError([f"init.from: {storage.redact(uri)} is neither a model directory (config.json) nor a "
+                           "checkpoint root with a committed checkpoint — point it at a run's final/ directory, an "
+                           "export, or a checkpoint.uri"], "[init]")
     model = load_model_dir(uri)[0] if is_model_dir(uri) else read_checkpoint_model(uri)[0]
     return model.cfg, model_tensors(model)
 
