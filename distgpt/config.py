@@ -7,13 +7,12 @@ one ``ConfigError``; nothing is written before a config validates.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
-
+from distgpt.config_files import ConfigWarning as ConfigWarning  # re-exported: job-file warnings
+from distgpt.config_files import as_written, merge, migrate, parse_overrides, read_file
 from distgpt.config_schema import ConfigError, build
 from distgpt.model.config import GPTConfig
 from distgpt.model.presets import PRESETS, preset
@@ -23,10 +22,6 @@ from distgpt.planner.plan import Plan
 MOVED = {("train", "micro_batch_size"): ("plan", "micro_batch_size"), ("train", "dtype"): ("plan", "dtype")}
 """Keys that moved (old section, key) → (new section, key): the Plan owns how a batch is cut and its precision.
 Job files that still set the old keys are migrated with a ``ConfigWarning``; errors name the key as written."""
-
-
-class ConfigWarning(UserWarning):
-    """A job file uses a key that has moved; it still works, and the warning says where the key lives now."""
 
 
 @dataclass
@@ -279,102 +274,18 @@ def public_dict(job: JobConfig) -> dict[str, Any]:
     return clean(to_dict(job))
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``--a.b=value`` strings → nested dict. Values parse as TOML (numbers, booleans, arrays), else stay strings."""
-    out: dict[str, Any] = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError([f"{arg}: overrides look like --section.key=value (e.g. --train.lr=3e-4)"], "overrides")
-        key, raw = arg[2:].split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError([f"--{key}: {p} is set twice as a value and a table"], "overrides")
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return merged
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError([f"{path}: no such job file — see jobs/ for examples"], str(path))
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-            if not isinstance(data, dict):
-                raise ConfigError([f"{path}: the top level must be a mapping of sections"], str(path))
-            return data
-    except (tomllib.TOMLDecodeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError([f"{path}: not valid {path.suffix[1:].upper()}: {e}"], str(path)) from None
-    except Exception as e:  # yaml.YAMLError without importing yaml at module level
-        raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from None
-    raise ConfigError([f"{path}: job files end in .toml, .yaml or .yml"], str(path))
-
-
 def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:  # type: ignore[assignment]
     """Load, override and validate a job. Raises ConfigError listing every problem."""
     source = str(path) if path else "defaults"
     problems: list[str] = []
     moved: dict[str, str] = {}
-    data = _migrate(_read_file(Path(path)) if path else {}, source, problems, moved)
-    data = _merge(data, _migrate(parse_overrides(list(overrides)), "overrides", problems, moved))
+    data = migrate(read_file(Path(path)) if path else {}, MOVED, source, problems, moved)
+    data = merge(data, migrate(parse_overrides(list(overrides)), MOVED, "overrides", problems, moved))
     job = _build_job(data, problems)
     problems += validate(job)
     if problems:
-        raise ConfigError([_as_written(p, moved) for p in problems], source)
+        raise ConfigError([as_written(p, moved) for p in problems], source)
     return job
-
-
-def _migrate(data: dict[str, Any], source: str, problems: list[str], moved: dict[str, str]) -> dict[str, Any]:
-    """Move keys of ``MOVED`` to their new section (one source — file or overrides — at a time, so an override of
-    an old key still beats the file's new key). Both keys given with different values is a problem."""
-    for (old_sec, key), (new_sec, new_key) in MOVED.items():
-        section = data.get(old_sec)
-        if not isinstance(section, dict) or key not in section:
-            continue
-        old, new = f"{old_sec}.{key}", f"{new_sec}.{new_key}"
-        value = section.pop(key)
-        target = data.get(new_sec)
-        if target == "auto" or target is None:  # plan = "auto" shorthand: keep it, add the moved key beside it
-            target = {} if target is None else {"__auto__": True}
-        if not isinstance(target, dict):
-            continue  # the section's own type error is reported by the builder
-        if new_key in target and target[new_key] != value:
-            problems.append(f"{old}: {value!r} contradicts {new} = {target[new_key]!r} in {source} — {old} has "
-                            f"moved to {new}; keep only {new}")
-            continue
-        data[new_sec] = {**target, new_key: value}
-        moved[new] = old
-        warnings.warn(f"{source}: {old} is now {new} (the Plan owns the micro-batch and the precision) — read as "
-                      f"{new} = {value!r}; move it in the job file", ConfigWarning, stacklevel=3)
-    return data
-
-
-def _as_written(problem: str, moved: dict[str, str]) -> str:
-    """A problem about a moved key, named as the user wrote it (with where it lives now)."""
-    for new, old in moved.items():
-        if problem.startswith(f"{new}:"):
-            return f"{old}:{problem[len(new) + 1:]} ({old} is now {new})"
-    return problem
 
 
 def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
