@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,8 +62,20 @@ def build_parser(commands: list[Command] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """distgpt's own warnings (a moved job key, a fallback it took) as one line, like its errors."""
+    if category.__module__.startswith("distgpt."):
+        print(f"distgpt: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    warnings.showwarning = _show_warning
     args, rest = build_parser().parse_known_args(argv)
     try:
         return args.func(args, rest)
