@@ -108,6 +108,11 @@ def read_documents(f: SourceFile, text_field: str) -> Iterator[str]:
             raise SourceError(f"{f.label}: no column {text_field!r} — set data.text_field to the text column")
         yield from (t for t in table.column(text_field).to_pylist() if t)
         return
+    if f.path.endswith((".yml", ".yaml")) and f.label.startswith("chatterbot/"):
+        from distgpt.data.chat import read_conversations  # its dialogues as text: each one a document
+
+        yield from ("\n".join(text for _, text in conv) for conv in read_conversations(f))
+        return
     with f.fs.open_input_stream(f.path) as stream:
         raw = stream.read()
     text = raw.decode("utf-8", errors="replace")  # a stray bad byte should not sink a whole corpus

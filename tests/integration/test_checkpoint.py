@@ -270,3 +270,20 @@ def test_writer_killed_mid_save_leaves_previous_checkpoint(bucket, tiny_data, tm
     assert [c.step for c in mgr.committed()] == [2]  # step 4 was started, never committed
     t = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=2")
     assert t.step == 2
+
+
+def test_init_from_a_checkpoint_root_in_object_storage(bucket, tiny_data, tmp_path):
+    """[init] from an s3:// checkpoint root: the model's weights of its latest commit, a fresh optimizer at step 0."""
+    import torch
+
+    from distgpt.checkpoint.export import read_checkpoint_model
+
+    root = bucket[0].format("init-source")
+    run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4", "--train.max_steps=4",
+        "--checkpoint.async_save=false").fit()
+    t = run(tiny_data, tmp_path / "b", f"--init.from={root}", "--train.max_steps=2")
+    assert t.step == 0 and t.engine.optimizer.state == {}
+    saved, _, manifest = read_checkpoint_model(root)
+    assert manifest["step"] == 4
+    got = t.engine.modules[0].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.state_dict().items())

@@ -148,3 +148,12 @@ def test_sft_from_a_trained_model_in_one_process(tiny_data, tmp_path):
                    "--model.n_head=2")
     with pytest.raises(ConfigError, match="n_embd 32.*the job builds .*n_embd 64"):
         Trainer(bad, log=lambda s: None)
+
+
+def test_chatterbot_dialogues_also_read_as_plain_text(tmp_path):
+    """For continued pre-training on a machine without other text: each dialogue is one document."""
+    from distgpt.data.sources import expand_sources, read_documents
+
+    docs = [d for f in expand_sources(["builtin:chatterbot/chinese"]) for d in read_documents(f, "text")]
+    assert len(docs) > 400 and all("conversations:" not in d and "- - " not in d for d in docs)
+    assert "人工智能" in "".join(docs)
