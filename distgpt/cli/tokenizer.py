@@ -20,14 +20,14 @@ def extend(args: argparse.Namespace, overrides: list[str]) -> int:
     from distgpt.checkpoint.export import save_model_dir
     from distgpt.checkpoint.layout import model_tokenizer_uri
     from distgpt.data.extend import ExtendError, extend_bpe, tokens_per_char
-    from distgpt.data.prepare import _documents
+    from distgpt.data.prepare import documents
     from distgpt.data.sources import expand_sources
     from distgpt.data.tokenizer import tokenizer_from_json
     from distgpt.model.gpt import GPT
     from distgpt.train.init import load_initial_weights, read_initial
 
     tok = tokenizer_from_json(storage.read_bytes(model_tokenizer_uri(args.source)).decode())
-    text = _documents(expand_sources(args.corpus), "text", args.max_bytes)
+    text = documents(expand_sources(args.corpus), "text", args.max_bytes)
     pieces = [p for doc in text for p in doc.split("\n\n") if p.strip()]  # paragraphs (poems, dialogues …)
     cut = len(pieces) - max(1, len(pieces) // 20)
     learn, held = pieces[:cut] or pieces, pieces[cut:]  # the report is on the tail the merges never saw

@@ -61,7 +61,8 @@ class PrepareError(DistgptError, ValueError):
     """The corpus cannot become a dataset as asked; the message says why and what to change."""
 
 
-def _documents(files: list[SourceFile], text_field: str, max_bytes: int) -> Iterator[str]:
+def documents(files: list[SourceFile], text_field: str, max_bytes: int) -> Iterator[str]:
+    """The documents of ``files`` in order, at most ``max_bytes`` of text in all (0: everything)."""
     used = 0
     for f in files:
         for doc in read_documents(f, text_field):
@@ -130,11 +131,11 @@ def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
     progress(f"reading {len(files)} file(s) from {', '.join(storage.redact(s) for s in spec.sources)}")
     if spec.format == "chat":
         return _prepare_chat(spec, files, progress, t0)
-    train_text = _documents(files, spec.text_field, min(spec.max_bytes or spec.tokenizer_train_bytes,
+    train_text = documents(files, spec.text_field, min(spec.max_bytes or spec.tokenizer_train_bytes,
                                                         spec.tokenizer_train_bytes))
     tok = _tokenizer(spec, train_text)
     progress(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
-    stream = _encode_stream(tok, _documents(files, spec.text_field, spec.max_bytes))
+    stream = _encode_stream(tok, documents(files, spec.text_field, spec.max_bytes))
     n_val = int(len(stream) * spec.val_fraction)
     need = (spec.seq_len + 1) * (2 if spec.val_fraction > 0 else 1)
     if len(stream) - n_val < spec.seq_len + 1 or (spec.val_fraction > 0 and n_val < spec.seq_len + 1):

@@ -11,7 +11,7 @@ from distgpt.checkpoint.export import load_model_dir, save_model_dir
 from distgpt.cli import main
 from distgpt.data.chat import chatterbot_files, read_conversations
 from distgpt.data.extend import extend_bpe, tokens_per_char
-from distgpt.data.prepare import _documents
+from distgpt.data.prepare import documents
 from distgpt.data.sources import expand_sources
 from distgpt.data.tokenizer import BPETokenizer, ByteTokenizer
 from distgpt.model.config import GPTConfig
@@ -20,7 +20,7 @@ from distgpt.model.gpt import GPT
 
 @pytest.fixture(scope="module")
 def corpora() -> dict[str, list[str]]:
-    english = list(_documents(expand_sources(["builtin:python-stdlib"]), "text", 1_500_000))
+    english = list(documents(expand_sources(["builtin:python-stdlib"]), "text", 1_500_000))
     chinese = [t for f in chatterbot_files("builtin:chatterbot/chinese") for c in read_conversations(f) for _, t in c]
     return {"en": english, "zh": chinese}
 
