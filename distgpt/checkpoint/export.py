@@ -62,8 +62,18 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
         tensors = st_load(storage.read_bytes(storage.join(uri, MODEL_FILE)))
     except Exception as e:
         raise ModelDirError(f"{storage.redact(uri)}/{MODEL_FILE} cannot be read: {e}") from None
+    quantised: set[str] = set()
+    if any(k.endswith(".weight.int8") for k in tensors):  # an int8 inference artifact (`distgpt export`)
+        from distgpt.infer.quant import unpack
+
+        try:
+            used = unpack(model, tensors)
+        except ValueError as e:
+            raise ModelDirError(f"{storage.redact(uri)}/{MODEL_FILE}: {e}") from None
+        quantised = {k.rsplit(".", 1)[0] for k in used}  # NAME.weight
+        tensors = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if k not in quantised and not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ModelDirError(f"{storage.redact(uri)}: weights do not match the config (missing {missing}, "
                             f"unexpected {unexpected})")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from distgpt.errors import DistgptError
 
-GROUPS = ("train", "config", "data", "tokenizer", "generate", "plan", "checkpoint", "bench")
+GROUPS = ("train", "config", "data", "tokenizer", "generate", "infer", "plan", "checkpoint", "bench")
 """Modules of ``distgpt.cli`` that define commands, in the order ``--help`` lists them."""
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,30 +103,66 @@ def generate_text(
     stop_ids: Collection[int] = (),
 ) -> Iterator[str]:
     """Stream decoded text after ``prompt``; stop at (and exclude) the first stop sequence or ``stop_ids`` token.
-    ``prompt_ids`` replaces the encoded prompt (a chat template's markers are token ids, not text).
+    ``prompt_ids`` replaces the encoded prompt (a chat template's markers are token ids, not text)."""
+    ids = list(prompt_ids) if prompt_ids is not None else codec.encode(prompt)
+    return stream_text(codec, generate_ids(model, ids, cfg), stop, stop_ids)
 
-    Byte-level tokens may split a UTF-8 character, so text is released only once it decodes cleanly, and enough of
-    it is held back to recognise a stop sequence that straddles two tokens.
-    """
-    hold = max((len(s) for s in stop), default=0)
-    new: list[int] = []
-    emitted = 0
-    text = ""
-    for tok in generate_ids(model, list(prompt_ids) if prompt_ids is not None else codec.encode(prompt), cfg):
-        if tok in stop_ids:
-            break
-        new.append(tok)
-        text = codec.decode(new)
-        hits = [text.find(s, max(0, emitted - len(s))) for s in stop]
-        hits = [h for h in hits if h >= 0]
+
+class IncrementalText:
+    """Token ids in, final text out: ``feed`` returns the text that became final with this token, ``flush`` the
+    rest. Byte-level tokens may split a UTF-8 character, so text is released only once it decodes cleanly, and
+    enough of it is held back to recognise a stop sequence that straddles two tokens. After a stop sequence or a
+    ``stop_ids`` token, ``stopped`` is True and nothing more is released."""
+
+    def __init__(self, codec: TextCodec, stop: Sequence[str] = (), stop_ids: Collection[int] = ()):
+        self.codec, self.stop, self.stop_ids = codec, list(stop), set(stop_ids)
+        self.hold = max((len(s) for s in stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, tok: int) -> str:
+        """The text that ``tok`` makes final (often '', sometimes several characters)."""
+        if self.stopped:
+            return ""
+        if tok in self.stop_ids:
+            out = self.flush()
+            self.stopped = True
+            return out
+        self.ids.append(tok)
+        self.text = self.codec.decode(self.ids)
+        hits = [h for h in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if h >= 0]
         if hits:
-            yield text[emitted : min(hits)]
+            self.text = self.text[: min(hits)]
+            out = self.flush()
+            self.stopped = True
+            return out
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            return ""
+        safe = len(self.text) - self.hold
+        if safe <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted : safe], safe
+        return out
+
+    def flush(self) -> str:
+        """Whatever is held back (at the end of generation)."""
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return "" if self.stopped else out
+
+
+def stream_text(codec: TextCodec, tokens: Iterable[int], stop: Sequence[str] = (),
+                stop_ids: Collection[int] = ()) -> Iterator[str]:
+    """Decoded text of ``tokens`` as it becomes final (``IncrementalText``), ending before the first stop sequence
+    or ``stop_ids`` token (the caller stops the token source when this ends early)."""
+    text = IncrementalText(codec, stop, stop_ids)
+    for tok in tokens:
+        piece = text.feed(tok)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
-            continue
-        safe = len(text) - hold
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = text.flush()
+    if piece:
+        yield piece

@@ -1,0 +1,144 @@
+"""The inference artifact (``distgpt export``) and loading any model for inference.
+
+An artifact is a model directory — ``model.safetensors``, ``tokenizer.json``, ``config.json`` — whose config carries
+an ``inference`` entry (an ``EngineSpec``: engine, cache slots, autotune, quantisation) and whose weights may be int8.
+It is data only: nothing in it is executed or unpickled, so an artifact from elsewhere is as safe to load as a
+tensor file. The compiled form is built from it on the machine that serves it (``infer.runner`` says why).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+from distgpt import storage
+from distgpt.checkpoint.export import ModelDirError, load_model_dir, model_tensors, save_model_dir
+from distgpt.checkpoint.layout import is_model_dir
+from distgpt.data.tokenizer import Tokenizer
+from distgpt.infer.runner import EngineSpec, Runner, graphs_compiled
+from distgpt.model.gpt import GPT
+
+PROBE_PROMPTS = ("\n", "The ", "And ", "What ", "I ", "O, ", "Thou ", "My lord")
+"""The fixed prompt set greedy agreement is measured on (short, and common in English text)."""
+
+
+def read_model(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """(model, tokenizer, metadata) of a model directory, an artifact, or a checkpoint root's latest commit."""
+    if is_model_dir(uri):
+        return load_model_dir(uri, device)
+    from distgpt.checkpoint.export import read_checkpoint_model
+
+    model, tok, manifest = read_checkpoint_model(uri)
+    return model.to(device).eval(), tok, {"step": manifest.get("step"), "source": storage.redact(uri)}
+
+
+def spec_of(meta: dict) -> EngineSpec:
+    """The ``EngineSpec`` stored in a model's config (the default spec for a plain model directory)."""
+    stored = meta.get("inference") or {}
+    known = {f.name for f in fields(EngineSpec)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ModelDirError(f"config.json: unknown inference keys {unknown} (known: {sorted(known)})")
+    spec = EngineSpec(**stored)
+    if spec.problems():
+        raise ModelDirError("config.json inference: " + "; ".join(spec.problems()))
+    return spec
+
+
+def load_runner(uri: str, engine: str | None = None, max_batch: int | None = None,
+                device: str = "cpu") -> tuple[Runner, Tokenizer, dict]:
+    """A ``Runner`` for the model at ``uri`` (its stored spec, with ``engine`` / ``max_batch`` overriding)."""
+    model, tok, meta = read_model(uri, device)
+    spec = spec_of(meta)
+    spec = replace(spec, **{k: v for k, v in (("engine", engine), ("max_batch", max_batch)) if v is not None})
+    if spec.problems():
+        raise ModelDirError("; ".join(spec.problems()))
+    return Runner(model, spec), tok, meta
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_artifact`` wrote and checked."""
+
+    out: str
+    bytes: int
+    compile_s: float | None
+    """Seconds to compile prefill + batch-1 decode (None: not compiled)."""
+    agreement: float | None
+    """Fraction of greedy tokens equal to the fp32 model's over ``PROBE_PROMPTS`` (int8 only)."""
+    matches_eager: bool | None
+    """Compiled fp32 greedy tokens equal the eager model's (None: not checked)."""
+
+
+def greedy_tokens(runner: Runner, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` through ``runner`` (batch 1, slot 0)."""
+    out = []
+    logits = runner.prefill(0, prompt)
+    pos = len(prompt)
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        if pos >= runner.block_size:
+            break
+        logits = runner.decode([out[-1]], [pos])[0]
+        pos += 1
+    return out
+
+
+def agreement(test: Runner, ref: Runner, tok: Tokenizer, n: int = 32) -> float:
+    """Greedy agreement of ``test`` with ``ref`` over ``PROBE_PROMPTS``: ``ref`` writes a greedy continuation of each
+    prompt, ``test`` reads the same text, and the score is the fraction of positions where ``test``'s greedy
+    choice is ``ref``'s next token (teacher-forced, so one early difference does not decide every later one)."""
+    same = total = 0
+    for p in PROBE_PROMPTS:
+        ids = tok.encode(p)[-(ref.block_size // 2):] or [0]
+        want = greedy_tokens(ref, ids, min(n, ref.block_size - len(ids)))
+        logits = test.prefill(0, ids)
+        for i, tok_id in enumerate(want):
+            same += int(logits.argmax()) == tok_id
+            total += 1
+            if len(ids) + i >= test.block_size:
+                break
+            logits = test.decode([tok_id], [len(ids) + i])[0]
+    return same / max(total, 1)
+
+
+def export_artifact(src: str, out: str, spec: EngineSpec, check_tokens: int = 32) -> ExportReport:
+    """Write the inference artifact of the model at ``src`` to ``out``; compile and check it when the spec says
+    compiled (greedy tokens equal to eager for fp32; agreement with fp32 for int8)."""
+    if spec.problems():
+        raise ModelDirError("; ".join(spec.problems()))
+    model, tok, meta = read_model(src)
+    fp32 = Runner(model, replace(spec, engine="eager", quantize="none", max_batch=1))
+    if spec.quantize == "int8":
+        from distgpt.infer.quant import pack, quantize_int8
+
+        qmodel, _, _ = read_model(src)
+        tensors = pack(quantize_int8(qmodel))
+        served = qmodel
+    else:
+        tensors, served = model_tensors(model), model
+    extra = {"step": meta.get("step"), "source": storage.redact(src), "inference": asdict(spec)}
+    save_model_dir(out, tensors, model.cfg, tok, extra)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    compile_s = matches = agree = None
+    if spec.engine == "compiled" or spec.quantize == "int8":
+        runner = Runner(served, replace(spec, max_batch=1))
+        start = time.perf_counter()
+        runner.warmup([1], [len(tok.encode(PROBE_PROMPTS[0]))])
+        compile_s = time.perf_counter() - start if spec.engine == "compiled" else None
+        if spec.quantize == "int8":
+            agree = agreement(runner, fp32, tok, check_tokens)
+        else:
+            ids = tok.encode(PROBE_PROMPTS[1]) or [0]
+            matches = greedy_tokens(runner, ids, check_tokens) == greedy_tokens(fp32, ids, check_tokens)
+    return ExportReport(out, size, compile_s, agree, matches)
+
+
+def count_recompiles(fn, *args) -> tuple[object, int]:
+    """``fn(*args)`` and the number of graphs torch.compile built meanwhile."""
+    before = graphs_compiled()
+    with torch.no_grad():
+        result = fn(*args)
+    return result, graphs_compiled() - before
