@@ -40,6 +40,9 @@ class Service:
     created: int = 0
 
 
+SERVICE: web.AppKey[Service] = web.AppKey("service")
+
+
 def _error(e: BadRequest) -> web.Response:
     return web.json_response(e.body(), status=e.status)
 
@@ -125,7 +128,7 @@ def _finish_reason(stream: Stream, text: IncrementalText) -> str:
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    svc: Service = request.app["service"]
+    svc: Service = request.app[SERVICE]
     try:
         req = parse(await _body(request), chat, svc.limits)
         stream, text = _stream_for(svc, req)
@@ -175,14 +178,22 @@ async def _sse(request, chat, head, stream, text, first, pieces) -> web.StreamRe
     return resp
 
 
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
 async def _health(request: web.Request) -> web.Response:
-    svc: Service = request.app["service"]
+    svc: Service = request.app[SERVICE]
     return web.json_response({"status": "ok", "model": svc.name, "open_requests": svc.batcher.open_requests,
                               "limits": asdict(svc.limits)})
 
 
 async def _models(request: web.Request) -> web.Response:
-    svc: Service = request.app["service"]
+    svc: Service = request.app[SERVICE]
     return web.json_response({"object": "list", "data": [
         {"id": svc.name, "object": "model", "created": svc.created, "owned_by": "distgpt"}]})
 
@@ -203,11 +214,11 @@ async def _json_errors(request: web.Request, handler):
 def make_app(svc: Service, max_body: int = 1 << 20) -> web.Application:
     """The aiohttp application (``max_body``: the largest request body accepted, in bytes)."""
     app = web.Application(client_max_size=max_body, middlewares=[_json_errors])
-    app["service"] = svc
+    app[SERVICE] = svc
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/completions", lambda r: _generate(r, chat=False))
-    app.router.add_post("/v1/chat/completions", lambda r: _generate(r, chat=True))
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
     return app
 
 

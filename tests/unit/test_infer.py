@@ -22,7 +22,9 @@ needs_cxx = pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on
 
 
 def small_model(pos: str = "rotary", block: int = 320, seed: int = 0) -> GPT:
-    """A model whose greedy continuations are not degenerate (weights larger than the GPT-2 init)."""
+    """A model whose greedy continuations are not degenerate (weights larger than the GPT-2 init) and are printable
+    text: the (tied) embedding rows of every token but printable ASCII are zero, so their logit is 0 while some
+    printable token's is positive."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=32,
                           pos_encoding=pos))
@@ -30,6 +32,9 @@ def small_model(pos: str = "rotary", block: int = 320, seed: int = 0) -> GPT:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
+        printable = torch.zeros(TOK.vocab_size, dtype=torch.bool)
+        printable[32:127] = True
+        model.tok_emb.weight[~printable] = 0.0
     return model.eval()
 
 
