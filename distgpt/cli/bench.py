@@ -70,6 +70,25 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=6, help="timed blocks per layout (alternated)")
 
 
+def generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Decode speed of each inference engine, and the server under concurrent load."""
+    from distgpt.bench.generate_bench import run
+
+    return run(args)
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="bench this model (default: random weights of --layers × --width)")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=320, help="n_embd (heads of 64); 12 × 320 ≈ 15M parameters")
+    p.add_argument("--tokens", type=int, default=128, help="greedy tokens per engine run")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every engine")
+    p.add_argument("--part", choices=("all", "engines", "server"), default="all")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients")
+    p.add_argument("--server-tokens", type=int, default=64, help="tokens per server request")
+    p.add_argument("--server-engine", choices=("eager", "compiled"), default="compiled")
+
+
 def _job(default: str):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("job", nargs="?", default=default)
@@ -128,6 +147,8 @@ COMMANDS = [
             _checkpoint_args),
     Command(("bench", "sft"), "fine-tuning throughput: packed rows vs one conversation per padded row", sft,
             _sft_args),
+    Command(("bench", "generate"), "inference: eager vs compiled vs int8 decode; server tokens/s and TTFT under load",
+            generate, _generate_args),
     Command(("bench", "planner"), "planning time for 1,024 and 16,384 devices of 4 types", planner),
     Command(("bench", "plan-accuracy"), "run the planner's plans here; predicted vs measured", accuracy,
             _accuracy_args),

@@ -48,6 +48,8 @@ class GenerationRequest:
     sampling: SamplingConfig
     stop: tuple[str, ...]
     stream: bool
+    include_usage: bool = False
+    """Streaming only: send token counts in a last chunk (OpenAI's ``stream_options.include_usage``)."""
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
@@ -112,11 +114,15 @@ def parse(body: object, chat: bool, limits: Limits) -> GenerationRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    usage = bool(options.get("include_usage", False))
     if chat:
-        return GenerationRequest(None, _messages(body), sampling, _stop(body), stream)
+        return GenerationRequest(None, _messages(body), sampling, _stop(body), stream, usage)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("prompt must be a non-empty string (one prompt per request)", "prompt")
-    return GenerationRequest(prompt, None, sampling, _stop(body), stream)
+    return GenerationRequest(prompt, None, sampling, _stop(body), stream, usage)

@@ -30,7 +30,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
 
 
 class StaticDecoder(nn.Module):
-    """Prefill one slot, or decode one token for rows 0..n-1, against a preallocated cache.
+    """Prefill one slot, or decode one token for rows 0..n-1, against a preallocated cache (call under
+    ``torch.no_grad()``, as ``infer.runner.Runner`` does).
 
     ``slots``: cache rows (the largest batch); ``dtype``: the cache's dtype (the model's by default).
     """
@@ -74,7 +75,6 @@ class StaticDecoder(nn.Module):
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.norm(h)).float()
 
-    @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, slot: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """Fill cache row ``slot`` (0-d) from ``tokens`` (1, T) — the prompt right-padded to a bucket length — and
         return the logits (1, V) after its first ``length`` (0-d) tokens. Padding is written to the cache too, but
@@ -95,7 +95,6 @@ class StaticDecoder(nn.Module):
         last = h.index_select(1, (length - 1).view(1))  # (1, 1, C): only the position we sample from
         return self._head(last)[:, 0]
 
-    @torch.no_grad()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row for rows 0..n-1: ``tokens`` (n,) at positions ``pos`` (n,) → next-token logits (n, V).
         Rows that hold no request may take any token and position; their output is ignored."""

@@ -7,14 +7,18 @@ checkpoint — and it compiles for the machine that runs it (CPU ISA, GPU archit
 exported. Inductor's on-disk cache makes the second start on a machine fast.
 
 Options (each measured on a 10.7M-parameter model, 2 CPU cores): ``freezing`` folds the fixed weights into the graph
-as constants (weights are prepacked for the CPU GEMM); skipping guards on module state saves ~0.4 ms of guard checks
-per call (this runner serves fixed weights — a new set of weights needs a new runner); ``max_autotune`` (export
+as constants (weights are prepacked for the CPU GEMM), so a runner serves the weights it was built with; guards on
+module state are skipped (they cost ~0.4 ms of a ~7 ms fp32 step and ~2 ms with int8 tensors) — safe because each
+runner compiles its own copy of the code (``_own_code``): torch.compile keeps its graphs per code object, and without
+guards two runners of the same code would share one graph (found when fp32 and int8 ran in one process);
+``max_autotune`` (export
 ``--autotune``) lets Inductor benchmark its own GEMM templates against the library's, ~1.2× faster decode for ~2×
 the compile time.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,6 +71,14 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _own_code(method):
+    """``method`` rebound to a private copy of its code object, so torch.compile's cache for it is this runner's."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(method.__self__):x}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 class Runner:
     """Prefill one cache slot, or decode one token for every row up to the highest slot in use."""
 
@@ -78,16 +90,18 @@ class Runner:
         self.block_size = cfg.block_size
         self.vocab_size = cfg.vocab_size
         self.batch_buckets = buckets(spec.max_batch)
-        self.prompt_buckets = buckets(cfg.block_size, min(16, cfg.block_size))
+        # Prompts are padded to a multiple of 16 and prefill is compiled for a symbolic length: one graph serves
+        # every prompt (a graph per length bucket cost a 20 s compile on the first long prompt a server saw).
+        self.prompt_multiple = min(16, cfg.block_size)
         self._prefill, self._decode = self.decoder.prefill, self.decoder.decode
         if spec.engine == "compiled":
             options = {"freezing": True, "max_autotune": spec.autotune,
                        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             # More graphs than the default limit of 8 per function: one per bucket is the plan, not a recompile.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       len(self.prompt_buckets) + len(self.batch_buckets))
-            self._prefill = torch.compile(self.decoder.prefill, dynamic=False, options=options)
-            self._decode = torch.compile(self.decoder.decode, dynamic=False, options=options)
+                                                       2 + len(self.batch_buckets))
+            self._prefill = torch.compile(_own_code(self.decoder.prefill), dynamic=True, options=options)
+            self._decode = torch.compile(_own_code(self.decoder.decode), dynamic=False, options=options)
 
     @staticmethod
     def _fit(n: int, sizes: list[int]) -> int:
@@ -98,7 +112,8 @@ class Runner:
         """Write ``ids`` into cache slot ``slot``; the logits (V,) for the token after them."""
         if not 0 < len(ids) < self.block_size:
             raise ValueError(f"a prompt needs 1 to {self.block_size - 1} tokens, got {len(ids)}")
-        width = self._fit(len(ids), self.prompt_buckets)
+        m = self.prompt_multiple
+        width = min(-(-len(ids) // m) * m, self.block_size)
         tokens = torch.zeros(1, width, dtype=torch.long, device=self.device)
         tokens[0, : len(ids)] = torch.tensor(ids, device=self.device)
         slot_t = torch.tensor(slot, device=self.device)

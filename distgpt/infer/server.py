@@ -138,17 +138,20 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         pieces = _pieces(request, svc, stream, text)
         if not req.stream:
             out = "".join([p async for p in pieces])
-            usage = {"prompt_tokens": len(stream.prompt), "completion_tokens": stream.generated,
-                     "total_tokens": len(stream.prompt) + stream.generated}
             return web.json_response({**head, "choices": [_choice(chat, out, _finish_reason(stream, text), False)],
-                                      "usage": usage})
+                                      "usage": _usage(stream)})
         first = await anext(pieces, None)  # errors (429, 400) surface before the 200 is sent
     except BadRequest as e:
         return _error(e)
-    return await _sse(request, chat, head, stream, text, first, pieces)
+    return await _sse(request, chat, head, stream, text, first, pieces, req.include_usage)
 
 
-async def _sse(request, chat, head, stream, text, first, pieces) -> web.StreamResponse:
+def _usage(stream: Stream) -> dict:
+    return {"prompt_tokens": len(stream.prompt), "completion_tokens": stream.generated,
+            "total_tokens": len(stream.prompt) + stream.generated}
+
+
+async def _sse(request, chat, head, stream, text, first, pieces, include_usage: bool) -> web.StreamResponse:
     """Send the answer as server-sent events (the first piece already in hand)."""
     if chat:
         head = {**head, "object": "chat.completion.chunk"}
@@ -170,6 +173,8 @@ async def _sse(request, chat, head, stream, text, first, pieces) -> web.StreamRe
         if chat:
             final["delta"] = {}
         await send(json.dumps({**head, "choices": [final]}))
+        if include_usage:
+            await send(json.dumps({**head, "choices": [], "usage": _usage(stream)}))
         await send("[DONE]")
     except (ConnectionError, BadRequest):  # the client left (or generation failed mid-stream): stop quietly
         await pieces.aclose()
