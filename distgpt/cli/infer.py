@@ -62,7 +62,7 @@ def _runner(args: argparse.Namespace, max_batch: int | None):
     if runner.spec.engine == "compiled":
         print("compiling (the first start on a machine takes a minute or two; later starts reuse the cache) …",
               file=sys.stderr, flush=True)
-        runner.warmup(runner.batch_buckets, [16])
+        runner.warmup(runner.batch_buckets[:2], [16])
     return runner, tok, meta
 
 

@@ -2,9 +2,10 @@
 
 ``GPT.forward`` grows its cache slice by one position per token, so every step has a new shape — fine eagerly, a
 recompile per token under ``torch.compile``. Here the cache is one buffer per layer of shape
-(slots, heads, block_size, head_dim), allocated once. A step reads the whole block and masks the positions a row has
-not reached, so its shapes depend only on the batch (a few buckets) and never on the position: one compiled graph per
-bucket serves every token (the approach of gpt-fast).
+(slots, heads, block_size + 1, head_dim), allocated once and written in place. A decode step reads a span of it (the
+positions reached, rounded up) and masks the positions a row has not reached, so nothing about it changes from token
+to token but the span, which the runner compiles as a symbolic size: one graph serves every token (gpt-fast's
+approach, with the span added so a short context does not pay for the whole block).
 
 Each *slot* is one cache row, owned by one request. Rows sit at different positions (``pos`` per row), which is what
 lets a new request join a running batch at the next decode step (iteration-level batching, ``infer.batcher``).
@@ -45,7 +46,10 @@ class StaticDecoder(nn.Module):
         self.slots, self.block_size = slots, cfg.block_size
         ref = next(model.parameters())
         heads = cfg.n_head
-        shape = (slots, heads, cfg.block_size, cfg.head_dim)
+        # One spare position: a key span then never covers the whole buffer, so the sliced cache's strides never
+        # equal a contiguous tensor's — which the compiler's matmul guards on (a span reaching block_size
+        # recompiled the decode step once).
+        shape = (slots, heads, cfg.block_size + 1, cfg.head_dim)
         # One buffer per layer, not one stacked tensor: writing into a view of a shared buffer makes the compiler
         # copy the whole buffer every step (functionalisation), a write into a buffer of its own happens in place.
         # Persistent=False: the cache is scratch space, never part of a state dict or an artifact.
@@ -95,19 +99,21 @@ class StaticDecoder(nn.Module):
         last = h.index_select(1, (length - 1).view(1))  # (1, 1, C): only the position we sample from
         return self._head(last)[:, 0]
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """One token per row for rows 0..n-1: ``tokens`` (n,) at positions ``pos`` (n,) → next-token logits (n, V).
-        Rows that hold no request may take any token and position; their output is ignored."""
-        n = tokens.shape[0]
+        ``keys`` is ``positions[:span]`` for a span past every row's position: attention reads only that much of
+        the cache (at 8 rows the whole block's keys and values outweighed the weights). Rows that hold no request
+        may take any token and position below the span; their output is ignored."""
+        n, span = tokens.shape[0], keys.shape[0]
         rows = self.positions[:n]  # 0..n-1 (the cache's first n slots)
         h = self.model.embed(tokens.view(n, 1), positions=pos.view(n, 1))
-        visible = (self.positions.view(1, -1) <= pos.view(n, 1)).view(n, 1, 1, self.block_size)
+        visible = (keys.view(1, -1) <= pos.view(n, 1)).view(n, 1, 1, span)
         for i, block in enumerate(self.model.layers.values()):
             q, k, v = self._qkv(block.attn, block.ln1(h), pos.view(n, 1))
             kc, vc = self.cache(i)
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            y = masked_attention(q, kc[:n], vc[:n], visible)
+            y = masked_attention(q, kc[:n, :, :span], vc[:n, :, :span], visible)
             h = h + block.attn.o_proj(y.transpose(1, 2).reshape(n, 1, -1))
             h = h + block.mlp(block.ln2(h))
         return self._head(h)[:, 0]
