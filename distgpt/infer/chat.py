@@ -20,7 +20,7 @@ from distgpt.data.tokenizer import Tokenizer
 from distgpt.errors import DistgptError
 from distgpt.infer.batcher import Batcher, Stream
 from distgpt.infer.template import conversation_prompt, has_template
-from distgpt.model.generate import IncrementalText, SamplingConfig
+from distgpt.model.generate import SamplingConfig, stream_text
 
 Messages = list[tuple[str, str]]
 
@@ -51,17 +51,8 @@ class LocalBackend:
         room = self.batcher.runner.block_size - 1
         ids = p.ids[-room:]  # the oldest turns fall out of a full context
         stream = self.batcher.submit(Stream(ids, SamplingConfig(max_tokens, temperature), p.stop_ids))
-        text = IncrementalText(self.tok, p.stop, p.stop_ids)
         try:
-            for tok in stream:
-                piece = text.feed(tok)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    return
-            tail = text.flush()
-            if tail:
-                yield tail
+            yield from stream_text(self.tok, stream, p.stop, p.stop_ids)
         finally:
             stream.cancel()
 
