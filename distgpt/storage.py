@@ -119,11 +119,11 @@ def preflight(uri: str) -> None:
 
 
 def list_dir(uri: str) -> list[pafs.FileInfo]:
-    """Entries directly under ``uri`` (empty when it does not exist)."""
+    """Entries directly under ``uri`` (empty when it does not exist or is a file)."""
     fs, path = resolve(uri)
     try:
         return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 

@@ -50,14 +50,19 @@ def save_model_dir(uri: str, model: GPT | dict[str, torch.Tensor], cfg: GPTConfi
 def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, config metadata) from a directory written by ``save_model_dir``."""
     try:
-        meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+        raw = storage.read_bytes(storage.join(uri, CONFIG_FILE))
     except storage.StorageError:
         raise ModelDirError(
             f"{storage.redact(uri)} is not a model directory (no {CONFIG_FILE}) — point --checkpoint at a "
             f"training run's final/ directory or at the output of `distgpt checkpoint export`"
         ) from None
-    cfg = GPTConfig.from_dict(meta["model"])
-    model = GPT(cfg)
+    try:
+        meta = json.loads(raw)
+        cfg = GPTConfig.from_dict(meta["model"])
+        model = GPT(cfg)
+    except (ValueError, KeyError, TypeError) as e:  # truncated or edited: name the file, not a traceback
+        raise ModelDirError(f"{storage.redact(uri)}/{CONFIG_FILE} is damaged ({type(e).__name__}: {e}) — "
+                            "export the model again") from None
     try:
         tensors = st_load(storage.read_bytes(storage.join(uri, MODEL_FILE)))
     except Exception as e:
@@ -77,7 +82,11 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
     if missing or unexpected:
         raise ModelDirError(f"{storage.redact(uri)}: weights do not match the config (missing {missing}, "
                             f"unexpected {unexpected})")
-    tok = tokenizer_from_json(storage.read_bytes(storage.join(uri, TOKENIZER_FILE)).decode())
+    try:
+        tok = tokenizer_from_json(storage.read_bytes(storage.join(uri, TOKENIZER_FILE)).decode())
+    except Exception as e:  # missing, truncated, or not a tokenizer: the tokenizers library raises its own types
+        raise ModelDirError(f"{storage.redact(uri)}/{TOKENIZER_FILE} cannot be read ({type(e).__name__}: "
+                            f"{storage.redact_text(str(e))[:200]}) — export the model again") from None
     return model.to(device).eval(), tok, meta
 
 

@@ -29,6 +29,12 @@ def read_model(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     if is_model_dir(uri):
         return load_model_dir(uri, device)
     from distgpt.checkpoint.export import read_checkpoint_model
+    from distgpt.checkpoint.layout import committed
+
+    if not committed(uri):
+        raise ModelDirError(f"{storage.redact(uri)} is not a model directory (no config.json) nor a checkpoint root "
+                            "with a committed checkpoint — point at a run's final/ directory, a `distgpt export` "
+                            "artifact, or a run's checkpoint.uri")
 
     model, tok, manifest = read_checkpoint_model(uri)
     return model.to(device).eval(), tok, {"step": manifest.get("step"), "source": storage.redact(uri)}

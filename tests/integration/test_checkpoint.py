@@ -188,7 +188,10 @@ def test_export_ls_and_generate(bucket, tiny_data, tmp_path, capsys):
     assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
     manifest = CheckpointManager(root).verify(CheckpointManager(root).committed()[-1])
     assert "endpoint_override" not in json.dumps(manifest)  # URIs in the saved job are redacted
+    capsys.readouterr()
     assert main(["generate", "--checkpoint", str(tmp_path / "export"), "--prompt", "def", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def") and len(out) > len("def\n"), "the exported model generated nothing"
     assert main(["checkpoint", "export", root, "--out", str(tmp_path / "x"), "--step", "77"]) == 2
 
 

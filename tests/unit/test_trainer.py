@@ -60,9 +60,21 @@ def test_generate_command_streams_from_saved_model(tiny_data, tmp_path, capsys):
     capsys.readouterr()  # drop the trainer's own output
     assert main(["generate", "--checkpoint", res.final_dir, "--prompt", "import", "--max-new-tokens", "12",
                  "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("import")
+    out = capsys.readouterr().out
+    assert out.startswith("import") and len(out) > len("import\n"), "no token was generated"
     assert main(["generate", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "not a model directory" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", f"{res.final_dir}/model.safetensors"]) == 2  # a file, not a directory
+    assert "not a model directory" in capsys.readouterr().err
+    import shutil
+
+    for name, damage in (("config.json", b'{"model": {"n_la'), ("tokenizer.json", b'{"kind": "bp')):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(res.final_dir, broken)
+        (broken / name).write_bytes(damage)
+        assert main(["generate", "--checkpoint", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and ("damaged" in err or "cannot be read" in err) and "Traceback" not in err
 
 
 def test_schedule_and_no_decay_groups():
