@@ -16,6 +16,10 @@ class InferError(DistgptError):
     """A model cannot be prepared for inference (no compiler, bad option); the message says what to do."""
 
 
+class InferWarning(UserWarning):
+    """Something works but may not be what was meant."""
+
+
 def _no_overrides(overrides: list[str], command: str) -> None:
     if overrides:
         raise ConfigError([f"unexpected arguments: {' '.join(overrides)}"], f"distgpt {command}")
@@ -106,10 +110,6 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     finally:
         batcher.close()
     return 0
-
-
-class InferWarning(UserWarning):
-    """Something works but may not be what was meant."""
 
 
 def chat(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-
 from distgpt import storage
 from distgpt.checkpoint.export import ModelDirError, load_model_dir, model_tensors, save_model_dir
 from distgpt.checkpoint.layout import is_model_dir
 from distgpt.data.tokenizer import Tokenizer
-from distgpt.infer.runner import EngineSpec, Runner, graphs_compiled
+from distgpt.infer.runner import EngineSpec, Runner
 from distgpt.model.gpt import GPT
 
 PROBE_PROMPTS = ("\n", "The ", "And ", "What ", "I ", "O, ", "Thou ", "My lord")
@@ -141,10 +139,3 @@ def export_artifact(src: str, out: str, spec: EngineSpec, check_tokens: int = 32
             matches = greedy_tokens(runner, ids, check_tokens) == greedy_tokens(fp32, ids, check_tokens)
     return ExportReport(out, size, compile_s, agree, matches)
 
-
-def count_recompiles(fn, *args) -> tuple[object, int]:
-    """``fn(*args)`` and the number of graphs torch.compile built meanwhile."""
-    before = graphs_compiled()
-    with torch.no_grad():
-        result = fn(*args)
-    return result, graphs_compiled() - before
