@@ -77,20 +77,22 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     from distgpt.infer.batcher import Batcher
     from distgpt.infer.server import Service, serve_forever
 
-    try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            warnings.warn(f"serving on {args.host}: anyone who can reach this address can use the model "
-                          "(there is no authentication)", InferWarning, stacklevel=1)
-    except ValueError:
-        raise InferError(f"--host {args.host!r} is not an IP address (use 127.0.0.1, or 0.0.0.0 for all)") from None
     bad = [f"--{k.replace('_', '-')} must be positive, got {v}" for k, v in
            (("max_batch", args.max_batch), ("max_prompt_tokens", args.max_prompt_tokens),
             ("max_new_tokens", args.max_new_tokens), ("max_concurrent", args.max_concurrent))
            if v is not None and v < 1]
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be 0..65535, got {args.port}")
+    try:
+        public = not ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        bad.append(f"--host {args.host!r} is not an IP address (use 127.0.0.1, or 0.0.0.0 for all interfaces)")
+        public = False
     if bad:
         raise InferError("; ".join(bad))
+    if public:
+        warnings.warn(f"serving on {args.host}: anyone who can reach this address can use the model "
+                      "(there is no authentication)", InferWarning, stacklevel=1)
     runner, tok, _ = _runner(args, args.max_batch)
     block = runner.block_size
     limits = Limits(min(args.max_prompt_tokens or block - 1, block - 1), args.max_new_tokens or block,
