@@ -225,7 +225,8 @@ def test_chat_against_a_server(server):
     lines = iter(["hi", "/quit"])
     out = io.StringIO()
     assert repl(HttpBackend(srv.url), read=lambda _: next(lines), out=out, temperature=0, max_tokens=8) == 0
-    assert "chatting with tiny at" in out.getvalue() and "bot> " in out.getvalue()
+    answer = out.getvalue().split("bot> ", 1)[1].split("\n", 1)[0]
+    assert "chatting with tiny at" in out.getvalue() and answer.strip(), "the server's answer was not shown"
 
 
 def test_chat_names_an_unreachable_server():
