@@ -14,6 +14,7 @@ this process with 1, 8 and 32 concurrent clients, streaming and not: total gener
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import os
@@ -69,17 +70,15 @@ def _runner_speed(runner, prompt: list[int], n: int) -> tuple[float, float]:
 
 def engines(args) -> dict:
     """Part 1: the table of engines at batch 1 (returns the measurements)."""
-    from distgpt.infer.artifact import agreement
-    from distgpt.infer.quant import quantize_int8
+    from distgpt.infer.artifact import PROBE_PROMPTS, agreement
     from distgpt.infer.runner import EngineSpec, Runner
+    from distgpt.model.quant import quantize_int8
 
     model, tok = _model(args)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     prompt = tok.encode(PROMPT)[: model.cfg.block_size // 4]
     n = min(args.tokens, model.cfg.block_size - len(prompt))
-    qmodel, _ = _model(args)
-    if not args.checkpoint:
-        qmodel.load_state_dict(model.state_dict())
+    qmodel = copy.deepcopy(model)
     runners = {"static": Runner(model, EngineSpec("eager", 1)), "compiled": Runner(model, EngineSpec("compiled", 1)),
                "int8": Runner(quantize_int8(qmodel), EngineSpec("compiled", 1))}
     compile_s = {}
@@ -105,7 +104,7 @@ def engines(args) -> dict:
               f"{compile_s.get(name, 0):10.1f}")
     c, q = (statistics.median(r[1] for r in rows[k]) for k in ("compiled", "int8"))
     print(f"int8 vs compiled fp32: {q / c:.2f}× tokens/s; greedy agreement with fp32 {100 * agree:.1f}% "
-          f"(teacher-forced, {len(__import__('distgpt.infer.artifact', fromlist=['x']).PROBE_PROMPTS)} prompts)")
+          f"(teacher-forced, {len(PROBE_PROMPTS)} prompts)")
     return {"rows": rows, "agreement": agree, "compile_s": compile_s}
 
 

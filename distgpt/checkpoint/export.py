@@ -69,7 +69,7 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
         raise ModelDirError(f"{storage.redact(uri)}/{MODEL_FILE} cannot be read: {e}") from None
     quantised: set[str] = set()
     if any(k.endswith(".weight.int8") for k in tensors):  # an int8 inference artifact (`distgpt export`)
-        from distgpt.infer.quant import unpack
+        from distgpt.model.quant import unpack
 
         try:
             used = unpack(model, tensors)

@@ -44,19 +44,18 @@ def _compiled(args: argparse.Namespace, cfg) -> Iterator[str]:
     """The static-cache decoder through torch.compile (``distgpt export --optimize`` explains)."""
     from distgpt.cli.infer import _needs_compiler
     from distgpt.infer.artifact import load_runner
-    from distgpt.infer.batcher import Batcher, Stream
-    from distgpt.model.generate import stream_text
+    from distgpt.infer.batcher import Batcher, generate_text
 
     _needs_compiler("compiled")
     runner, tok, _ = load_runner(args.checkpoint, "compiled", 1, args.device)
     batcher = Batcher(runner)
-    stream = batcher.submit(Stream(tok.encode(args.prompt)[-(runner.block_size - 1):], cfg))
+    text = generate_text(batcher, tok, tok.encode(args.prompt)[-(runner.block_size - 1):], cfg, tuple(args.stop or ()))
 
     def pieces() -> Iterator[str]:
         try:
-            yield from stream_text(tok, stream, args.stop or ())
+            yield from text
         finally:
-            stream.cancel()
+            text.close()
             batcher.close()
 
     return pieces()

@@ -8,6 +8,7 @@ tensor file. The compiled form is built from it on the machine that serves it (`
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -116,11 +117,10 @@ def export_artifact(src: str, out: str, spec: EngineSpec, check_tokens: int = 32
     model, tok, meta = read_model(src)
     fp32 = Runner(model, replace(spec, engine="eager", quantize="none", max_batch=1))
     if spec.quantize == "int8":
-        from distgpt.infer.quant import pack, quantize_int8
+        from distgpt.model.quant import pack, quantize_int8
 
-        qmodel, _, _ = read_model(src)
-        tensors = pack(quantize_int8(qmodel))
-        served = qmodel
+        served = quantize_int8(copy.deepcopy(model))
+        tensors = pack(served)
     else:
         tensors, served = model_tensors(model), model
     extra = {"step": meta.get("step"), "source": storage.redact(src), "inference": asdict(spec)}

@@ -19,7 +19,7 @@ import torch
 
 from distgpt.errors import DistgptError
 from distgpt.infer.runner import Runner
-from distgpt.model.generate import SamplingConfig, sample_next
+from distgpt.model.generate import SamplingConfig, TextCodec, sample_next, stream_text
 
 
 class Busy(DistgptError):
@@ -216,3 +216,18 @@ class Batcher:
         if reason:
             s._push(Finished(reason))
             self._slots[a.slot] = None
+
+
+def generate_text(batcher: Batcher, codec: TextCodec, ids: list[int], sampling: SamplingConfig,
+                  stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset()) -> Iterator[str]:
+    """Submit one request and stream its text (``model.generate.stream_text``); closing the iterator, or a stop
+    sequence, cancels the generation."""
+    stream = batcher.submit(Stream(ids, sampling, stop_ids))
+
+    def pieces() -> Iterator[str]:
+        try:
+            yield from stream_text(codec, stream, stop, stop_ids)
+        finally:
+            stream.cancel()
+
+    return pieces()

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 from distgpt.data.tokenizer import Tokenizer
 from distgpt.errors import DistgptError
-from distgpt.infer.batcher import Batcher, Stream
+from distgpt.infer.batcher import Batcher, generate_text
 from distgpt.infer.template import conversation_prompt, has_template
-from distgpt.model.generate import SamplingConfig, stream_text
+from distgpt.model.generate import SamplingConfig
 
 Messages = list[tuple[str, str]]
 
@@ -50,11 +50,8 @@ class LocalBackend:
         p = conversation_prompt(self.tok, messages)
         room = self.batcher.runner.block_size - 1
         ids = p.ids[-room:]  # the oldest turns fall out of a full context
-        stream = self.batcher.submit(Stream(ids, SamplingConfig(max_tokens, temperature), p.stop_ids))
-        try:
-            yield from stream_text(self.tok, stream, p.stop, p.stop_ids)
-        finally:
-            stream.cancel()
+        return generate_text(self.batcher, self.tok, ids, SamplingConfig(max_tokens, temperature), p.stop,
+                             p.stop_ids)
 
 
 class HttpBackend:
