@@ -19,6 +19,7 @@ import time
 import pyarrow.fs as pafs
 
 from distgpt import storage
+from distgpt.checkpoint import metadata_json
 from distgpt.checkpoint.manager import CheckpointManager
 
 
@@ -136,7 +137,7 @@ def _repeat(trainer, uri: str, out: str, r: int, server: _MotoProcess | None) ->
     row = {"save_s": _timed(mgr.save, 100 + r, trainer.engine, _meta(trainer))}
     ck = mgr.uri(100 + r)
     blobs = {f.base_name: storage.read_bytes(storage.join(ck, f.base_name)) for f in storage.list_dir(ck)
-             if f.base_name.startswith("__") or f.base_name == ".metadata"}
+             if f.base_name.startswith("__") or f.base_name == metadata_json.FILE}
     row["load_s"] = _timed(mgr.load, trainer.engine)
     row["raw_write_s"], row["raw_read_s"] = raw_io(storage.join(uri, f"raw-{r}"), blobs)
     row["bytes"] = sum(map(len, blobs.values()))

@@ -2,8 +2,9 @@
 
 DCP's ``FileSystemWriter`` / ``FileSystemReader`` do the planning, metadata and resharding; they need a small
 filesystem interface, which ``ArrowFileSystem`` provides for any pyarrow URI (s3://, gs://, file://, paths). Items are
-stored as raw bytes (``records.py``). A rank fetches only the shard files holding what it needs, each in one request,
-and checks it against the manifest before using it.
+stored as raw bytes (``records.py``) and DCP's index as JSON (``metadata_json.py``): loading a checkpoint unpickles
+nothing. A rank fetches only the shard files holding what it needs, each in one request, and checks it against the
+manifest before using it.
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ import io
 import json
 import logging
 import os
+import pickle
 import posixpath
+import warnings
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import TypeVar
 
 import pyarrow.fs as pafs
+import torch
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from distgpt import storage
-from distgpt.checkpoint import records
+from distgpt.checkpoint import metadata_json, records
+from distgpt.errors import DistgptError
 
 T = TypeVar("T")
 
@@ -149,6 +156,13 @@ class ArrowWriter(FileSystemWriter):
         fut.set_result(results)
         return fut
 
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Write DCP's index as JSON (``metadata_json.FILE``), not DCP's pickle (on the coordinator). One write of
+        the final name: the manifest, written after it, is what commits the checkpoint."""
+        metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
+        with self.fs.create_stream(self.fs.concat_path(self.path, metadata_json.FILE), "wb") as f:
+            f.write(metadata_json.dumps(metadata))
+
     def __setstate__(self, state: dict) -> None:
         # Only DCP's background save process unpickles a writer. DCP sets that process's root logger to INFO and
         # would print three lines per save on every rank; distgpt reports saves itself, so warnings only.
@@ -166,14 +180,70 @@ def read_checksums(uri: str, rank: int) -> dict[str, tuple[int, str]]:
     return {name: (size, digest) for name, (size, digest) in data.items()}
 
 
-class ArrowReader(FileSystemReader):
-    """DCP reader from a pyarrow URI: raw-bytes shards (``records.py``), or DCP's own ``torch.save`` records."""
+class TrustWarning(UserWarning):
+    """A pickled checkpoint index is being read because the user said they trust it."""
 
-    def __init__(self, uri: str):
+
+class PickledMetadataError(DistgptError, RuntimeError):
+    """A checkpoint whose index is DCP's pickle (written before distgpt stored it as JSON), loaded untrusted."""
+
+
+def pickled_refusal(uri: str) -> str:
+    """Why a checkpoint with DCP's pickled index is not loaded, and how to load it anyway."""
+    return (f"{storage.redact(uri)} was written by an earlier distgpt: its index is a pickle (.metadata), and "
+            "loading it would run whatever code the file holds. If you trust where it came from, either convert it "
+            "once (`distgpt checkpoint export ROOT --out DIR --trust-pickled-metadata`, then use DIR) or resume "
+            "training from it with --checkpoint.trust_pickled_metadata=true (its next save writes the index as JSON)")
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that a stored non-tensor value is read with ``torch.load(weights_only=True)``
+    (DCP's own passes ``weights_only=False``: a pickle that can run code). distgpt's checkpoints store tensors only;
+    this keeps a planted byte item from being a way in."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise OSError(f"item {read_item.dest_index.fqn} is a pickled object, not plain data: refused (a "
+                          "checkpoint's contents are never unpickled)") from None
+        if self.flatten_state_dict:  # what DefaultLoadPlanner.load_bytes does with the value, minus the pickle
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class ArrowReader(FileSystemReader):
+    """DCP reader from a pyarrow URI: raw-bytes shards (``records.py``), or DCP's own ``torch.save`` records.
+
+    The index is read from ``metadata.json``. A checkpoint that has only DCP's pickled ``.metadata`` (written by an
+    earlier distgpt) is refused unless ``trust_pickled`` — unpickling a file can run any code its author chose."""
+
+    def __init__(self, uri: str, trust_pickled: bool = False):
         super().__init__(uri)
         self.fs = ArrowFileSystem()
         self.path = self.fs.init_path(uri)
+        self.uri, self.trust_pickled = uri, trust_pickled
         self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        """The index, parsed from JSON; DCP's pickle only when trusted (with a warning)."""
+        path = self.fs.concat_path(self.path, metadata_json.FILE)
+        if self.fs.exists(path):
+            with self.fs.create_stream(path, "rb") as f:  # checked against the manifest when it is expected
+                try:
+                    metadata = metadata_json.loads(f.getvalue())
+                except metadata_json.MetadataFormatError as e:
+                    raise OSError(f"{metadata_json.FILE} is unreadable: {e}") from None
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+        if not self.fs.exists(self.fs.concat_path(self.path, ".metadata")):
+            raise OSError(f"{metadata_json.FILE} does not exist (No such file)")
+        if not self.trust_pickled:
+            raise PickledMetadataError(pickled_refusal(self.uri))
+        warnings.warn(f"unpickling the index of {storage.redact(self.uri)} (--trust-pickled-metadata): only do "
+                      "this for checkpoints you wrote", TrustWarning, stacklevel=2)
+        return super().read_metadata(*args, **kwargs)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)

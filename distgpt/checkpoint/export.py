@@ -86,38 +86,36 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
         tok = tokenizer_from_json(storage.read_bytes(storage.join(uri, TOKENIZER_FILE)).decode())
     except Exception as e:  # missing, truncated, or not a tokenizer: the tokenizers library raises its own types
         raise ModelDirError(f"{storage.redact(uri)}/{TOKENIZER_FILE} cannot be read ({type(e).__name__}: "
-                            f"{storage.redact_text(str(e))[:200]}) — export the model again") from None
+                            f"{storage.redact(str(e))[:200]}) — export the model again") from None
     return model.to(device).eval(), tok, meta
 
 
-def read_checkpoint_model(root: str, step: int | None = None) -> tuple[GPT, Tokenizer, dict]:
+def read_checkpoint_model(root: str, step: int | None = None,
+                          trust_pickled: bool = False) -> tuple[GPT, Tokenizer, dict]:
     """(the whole model, its tokenizer, the manifest) of the latest (or ``step``'s) verified committed checkpoint
-    under ``root``. One process reads every shard it needs (no process group involved)."""
-    import torch.distributed.checkpoint as dcp
-
-    from distgpt.checkpoint.dcp_io import ArrowReader
+    under ``root``. One process reads every shard it needs (no process group involved). ``trust_pickled``: also
+    load a checkpoint whose index is DCP's pickle (an earlier distgpt's)."""
     from distgpt.checkpoint.manager import CheckpointError, CheckpointManager
 
-    mgr = CheckpointManager(root)
+    mgr = CheckpointManager(root, trust_pickled=trust_pickled)
     done = [c for c in mgr.committed() if step is None or c.step == step]
     if not done:
         raise CheckpointError(f"no committed checkpoint{f' at step {step}' if step is not None else ''} under "
                               f"{storage.redact(root)} — see `distgpt checkpoint ls`")
     c = done[-1]
     manifest = mgr.verify(c)
-    cfg = GPTConfig.from_dict(manifest["model"])
-    model = GPT(cfg)
+    model = GPT(GPTConfig.from_dict(manifest["model"]))
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=ArrowReader(c.uri), no_dist=True)
+    mgr.read_into(c, state)
     model.load_state_dict(state["model"])
     tok = tokenizer_from_json(storage.read_bytes(storage.join(c.uri, TOKENIZER_FILE)).decode())
     return model, tok, manifest
 
 
-def export_checkpoint(root: str, out: str, step: int | None = None) -> int:
+def export_checkpoint(root: str, out: str, step: int | None = None, trust_pickled: bool = False) -> int:
     """Consolidate a (verified) sharded checkpoint under ``root`` into one safetensors model directory ``out``;
     returns its step."""
-    model, tok, manifest = read_checkpoint_model(root, step)
+    model, tok, manifest = read_checkpoint_model(root, step, trust_pickled)
     save_model_dir(out, model, model.cfg, tok, {"step": manifest["step"], "plan": manifest.get("plan"),
                                                 "source": storage.redact(root)})
     return manifest["step"]

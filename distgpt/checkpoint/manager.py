@@ -3,7 +3,7 @@
 Layout under the checkpoint root (any pyarrow URI)::
 
     step-00000120/__0_0.distcp …   each rank's shards (DCP), written by that rank; nothing is gathered
-    step-00000120/.metadata        DCP's index of every tensor shard
+    step-00000120/metadata.json    DCP's index of every tensor shard, as data (``metadata_json.py``; never a pickle)
     step-00000120/manifest.json    files with sizes and sha256, step, Plan, model config, loader and RNG states
 
 A checkpoint exists only once its manifest exists. Loading goes through DCP against the *current* engine's state
@@ -31,12 +31,21 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.tensor import DTensor
 
 from distgpt import storage
-from distgpt.checkpoint.dcp_io import ArrowReader, ArrowWriter, first_error, read_checksums, with_retries
+from distgpt.checkpoint import metadata_json, signing
+from distgpt.checkpoint.dcp_io import (
+    ArrowReader,
+    ArrowWriter,
+    SafeLoadPlanner,
+    first_error,
+    pickled_refusal,
+    read_checksums,
+    with_retries,
+)
 from distgpt.checkpoint.layout import MANIFEST, Committed, committed, step_uri
 from distgpt.checkpoint.snapshot import CpuSnapshotStager, on_cpu
 from distgpt.errors import DistgptError
 from distgpt.parallel.mesh import ensure_process_group
-from distgpt.storage import StorageError, delete_dir, list_dir, redact, redact_text
+from distgpt.storage import StorageError, delete_dir, list_dir, redact
 
 
 class CheckpointError(DistgptError, RuntimeError):
@@ -50,10 +59,31 @@ class Listed:
     step: int
     bytes: int
     status: str
-    """'committed' (its manifest exists) or 'partial' (an unfinished save: it does not exist for loading)."""
+    """'committed' (its manifest exists), 'partial' (an unfinished save: it does not exist for loading) or 'corrupt'
+    (a manifest that cannot be read: loading refuses it)."""
     plan: str = ""
     saved: float = 0.0
     """Unix time of the commit (0 for a partial one)."""
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of the checkpoint at ``uri``; CheckpointError when it is truncated or not one."""
+    raw = storage.read_bytes(storage.join(uri, MANIFEST))
+    try:
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{redact(uri)}: {MANIFEST} is corrupt ({e}) — it cannot be loaded; delete the "
+                              "directory, or load another step") from None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or not isinstance(m.get("step"), int):
+        raise CheckpointError(f"{redact(uri)}: {MANIFEST} is not a distgpt checkpoint manifest (no 'files' and "
+                              "'step')")
+    bad = signing.problem(m)
+    if bad:
+        raise CheckpointError(f"{redact(uri)}: {MANIFEST} {bad}")
+    strays = [n for n in m["files"] if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("..")]
+    if strays:  # every file of a checkpoint lies in its own directory: nothing is read from elsewhere
+        raise CheckpointError(f"{redact(uri)}: {MANIFEST} names files outside the checkpoint ({strays[:3]})")
+    return m
 
 
 def list_checkpoints(root: str) -> list[Listed]:
@@ -66,8 +96,11 @@ def list_checkpoints(root: str) -> list[Listed]:
         files = list_dir(uri)
         row = Listed(int(info.base_name[5:]), sum(f.size or 0 for f in files), "partial")
         if any(f.base_name == MANIFEST for f in files):
-            m = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
-            row = Listed(row.step, row.bytes, "committed", m.get("plan_describe", ""), m["saved_unix"])
+            try:
+                m = read_manifest(uri)
+                row = Listed(row.step, row.bytes, "committed", m.get("plan_describe", ""), m.get("saved_unix", 0.0))
+            except CheckpointError:
+                row = Listed(row.step, row.bytes, "corrupt")
         rows.append(row)
     return sorted(rows, key=lambda r: r.step)
 
@@ -135,8 +168,11 @@ class _Pending:
 class CheckpointManager:
     """Save / list / load / retain checkpoints under ``root``."""
 
-    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, upload: str = "process"):
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, upload: str = "process",
+                 trust_pickled: bool = False):
         self.root, self.keep_last, self.keep_every, self.upload = root, keep_last, keep_every, upload
+        self.trust_pickled = trust_pickled
+        """Load checkpoints whose index is DCP's pickle (an earlier distgpt's); see ``dcp_io.pickled_refusal``."""
         self.pending: _Pending | None = None
         self._stager: AsyncStager | None = None
         self._group = None  # background writes talk over their own group, never the training one
@@ -259,7 +295,7 @@ class CheckpointManager:
             p.future.result()
         except BaseException as e:  # a storage failure: the previous commit stays the latest
             raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
-                               f"{redact_text(first_error(e))}") from None
+                               f"{redact(first_error(e))}") from None
         self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, read_checksums(p.uri, _dist()[0]))
         return (f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async; training "
                 f"waited {p.blocked * 1e3:.0f} ms for it)")
@@ -271,15 +307,15 @@ class CheckpointManager:
         files = _gather({k: v for k, v in written.items() if k.startswith("__")})
         if rank == 0:
             merged = {k: v for part in files for k, v in part.items()}
-            # DCP writes .metadata.tmp and renames it: hash the small final file directly.
-            merged[".metadata"] = _sha256(storage.join(uri, ".metadata"))
+            # the index is written by the coordinator's writer (maybe in DCP's save process): hash the small file here
+            merged[metadata_json.FILE] = _sha256(storage.join(uri, metadata_json.FILE))
             if tokenizer_json:
                 storage.write_bytes(storage.join(uri, "tokenizer.json"), tokenizer_json.encode())
                 merged["tokenizer.json"] = _sha256(storage.join(uri, "tokenizer.json"))
             manifest = {"format": "distgpt-checkpoint/1", "step": step, "saved_unix": time.time(),
                         "files": {k: {"bytes": b, "sha256": h} for k, (b, h) in sorted(merged.items())},
                         "rng": rng, **meta}
-            storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest).encode())  # the commit
+            storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(signing.sign(manifest)).encode())  # commit
             self.retain()
         if dist.is_initialized():
             dist.barrier()
@@ -293,15 +329,15 @@ class CheckpointManager:
         keep |= {c.step for c in done if self.keep_every and c.step % self.keep_every == 0}
         newest = done[-1].step if done else -1
         for info in list_dir(self.root):
-            if not info.base_name.startswith("step-"):
-                continue
+            if not info.base_name.startswith("step-") or not info.base_name[5:].isdigit():
+                continue  # a stray directory (step-abc, a user's notes) is not ours to delete, nor an error
             step = int(info.base_name[5:])
             if step not in keep and step <= newest:
                 delete_dir(storage.join(self.root, info.base_name))
 
     def verify(self, c: Committed) -> dict:
         """The manifest, after checking every file's size and sha256; CheckpointError names the first bad one."""
-        manifest = json.loads(storage.read_bytes(storage.join(c.uri, MANIFEST)))
+        manifest = read_manifest(c.uri)
         for name, want in manifest["files"].items():
             try:
                 size, digest = _sha256(storage.join(c.uri, name))
@@ -337,22 +373,28 @@ class CheckpointManager:
         return manifest
 
     def _read(self, c: Committed, engine) -> tuple[dict, dict]:
-        """(manifest, state read into this engine's layout). Every file a rank reads is checked against the
-        manifest's size and sha256 as it arrives; a missing or corrupt one raises CheckpointError on every rank."""
-        manifest = json.loads(storage.read_bytes(storage.join(c.uri, MANIFEST)))
-        expected = {k: (v["bytes"], v["sha256"]) for k, v in manifest["files"].items()}
-        if storage.exists(storage.join(c.uri, ".metadata")) and \
-                _sha256(storage.join(c.uri, ".metadata")) != expected.get(".metadata"):
-            raise CheckpointError(f"{redact(c.uri)}: file .metadata is corrupt (checksum mismatch)")
+        """(manifest, state read into this engine's layout)."""
         state, hyper = _stored_state(engine)
-        reader = ArrowReader(c.uri)
+        manifest = self.read_into(c, state)
+        state["optim"].update(hyper)  # the engine's own hyper-parameters (see _stored_state)
+        return manifest, state
+
+    def read_into(self, c: Committed, state: dict) -> dict:
+        """Fill ``state`` (its tensors give the layout: resharded as needed) from checkpoint ``c``; return its
+        manifest. Every file a rank reads — the index included — is checked against the manifest's size and sha256
+        as it arrives; a missing or corrupt one, or a pickled index not trusted, raises CheckpointError on every
+        rank. Nothing is unpickled (``SafeLoadPlanner``, ``metadata_json``)."""
+        manifest = read_manifest(c.uri)
+        expected = {k: (v["bytes"], v["sha256"]) for k, v in manifest["files"].items()}
+        if metadata_json.FILE not in expected and not self.trust_pickled:  # refused before any rank reads it
+            raise CheckpointError(pickled_refusal(c.uri))
+        reader = ArrowReader(c.uri, self.trust_pickled)
         reader.fs.expected = expected
         try:
-            dcp.load(state, storage_reader=reader)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not dist.is_initialized())
         except (CheckpointException, OSError) as e:
             msg = first_error(e)
             missing = "not exist" in msg or "NotFound" in msg or "No such file" in msg
-            raise CheckpointError(f"{redact(c.uri)}: {'a shard file is missing' if missing else redact_text(msg)}"
+            raise CheckpointError(f"{redact(c.uri)}: {'a shard file is missing' if missing else redact(msg)}"
                                   ) from None
-        state["optim"].update(hyper)  # the engine's own hyper-parameters (see _stored_state)
-        return manifest, state
+        return manifest

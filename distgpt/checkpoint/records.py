@@ -2,9 +2,9 @@
 
 DCP's ``FileSystemWriter`` wraps every tensor in its own ``torch.save`` zip archive. For a 165 MiB state of 529
 tensors that cost ≈0.35 CPU-s per save (profiled), on the cores a CPU step — or, to a local S3 server, the server —
-is using. The bytes of a tensor need no wrapping: DCP's metadata (written as ``.metadata``) already records each
-item's dtype, size and chunk, and the item's offset and length in the file. So items are written as their raw bytes,
-and read back with ``torch.frombuffer`` — never unpickled.
+is using. The bytes of a tensor need no wrapping: DCP's index (``metadata.json``, see ``metadata_json.py``) already
+records each item's dtype, size and chunk, and the item's offset and length in the file. So items are written as
+their raw bytes, and read back with ``torch.frombuffer`` — never unpickled.
 
 Each item's storage info carries the descriptor ``RAW``; DCP's own reader does not know it and refuses such a file
 instead of misreading it. Checkpoints written before (``torch.save`` records) are still read, by DCP's code.

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from distgpt.cli import Command
+from distgpt.redact import redact
 
 
 def ls(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -14,7 +15,7 @@ def ls(args: argparse.Namespace, overrides: list[str]) -> int:
 
     rows = list_checkpoints(args.root)
     if not rows:
-        print(f"no checkpoints under {args.root}")
+        print(f"no checkpoints under {redact(args.root)}")
     for r in rows:
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.saved)) if r.saved else ""
         print(f"step {r.step:>8}  {r.bytes / 2**20:9.2f} MiB  {r.status:9}  {saved:19}  {r.plan}")
@@ -25,8 +26,9 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
     """Consolidate one checkpoint into a safetensors model directory."""
     from distgpt.checkpoint.export import export_checkpoint
 
-    step = export_checkpoint(args.root, args.out, args.step)
-    print(f"exported step {step} to {args.out} — try: distgpt generate --checkpoint {args.out} --prompt '...'")
+    step = export_checkpoint(args.root, args.out, args.step, args.trust_pickled_metadata)
+    out = redact(args.out)
+    print(f"exported step {step} to {out} — try: distgpt generate --checkpoint {out} --prompt '...'")
     return 0
 
 
@@ -38,6 +40,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root")
     p.add_argument("--out", required=True)
     p.add_argument("--step", type=int, help="default: the latest committed")
+    p.add_argument("--trust-pickled-metadata", action="store_true",
+                   help="also read a checkpoint an earlier distgpt wrote, whose index is a pickle: unpickling runs "
+                        "any code the file holds, so only for checkpoints you trust")
 
 
 COMMANDS = [

@@ -25,7 +25,8 @@ class RunCheckpoints:
         self.interval, self.async_save = c.interval, c.async_save
         if c.interval:
             storage.preflight(job.checkpoint_uri)  # an unwritable bucket fails now, not at the first save
-        self.manager = CheckpointManager(job.checkpoint_uri, c.keep_last, c.keep_every, c.async_upload)
+        self.manager = CheckpointManager(job.checkpoint_uri, c.keep_last, c.keep_every, c.async_upload,
+                                         c.trust_pickled_metadata)
         self.stalls: list[float] = []
         self.recent_records: list[dict] = []
         """Metric records (rank 0) newer than the last committed checkpoint: each save carries them."""
