@@ -2,7 +2,8 @@
 
 S3 settings come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_REGION``, ``AWS_ENDPOINT_URL``) or from URI query options (``?endpoint_override=127.0.0.1:9000&scheme=http``).
-Error messages name the URI without its query string, so credentials passed there never reach a log.
+Messages name a URI only through ``redact`` (no user info, no query string), so credentials passed in a URI never
+reach a terminal, a log or a stored file.
 
 The one storage module: URIs, whole-object reads and writes, listing, retries, redaction. Checkpoints add DCP's
 reader and writer on top of it (``checkpoint/dcp_io.py``).
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
 from distgpt.errors import DistgptError
+from distgpt.redact import redact
 
 T = TypeVar("T")
 
@@ -29,13 +31,21 @@ class StorageError(DistgptError, RuntimeError):
     """A storage location cannot be used; the message says which and what to do."""
 
 
-def redact(uri: str) -> str:
-    """The URI without query string or user info: safe to print."""
-    if "://" not in uri:  # a plain path, or a pseudo-source like builtin:python-stdlib
-        return uri
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{parts.path}"
+class StorageIOError(StorageError, OSError):
+    """A read, write or listing the storage refused (a missing bucket, denied credentials, an unreachable endpoint):
+    still an ``OSError``, so retries treat it as the I/O failure it is."""
+
+
+@contextmanager
+def _named(action: str, uri: str) -> Iterator[None]:
+    """pyarrow's I/O errors (which may quote the whole URI, credentials and all) as one redacted StorageIOError."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, StorageError):
+        raise
+    except OSError as e:
+        raise StorageIOError(f"cannot {action} {redact(uri)}: {redact(str(e))} — check that the bucket or directory "
+                             "exists, the endpoint is reachable and the credentials allow it") from None
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -45,7 +55,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError with varied texts
-        raise StorageError(f"cannot open {redact(uri)}: {type(e).__name__}: {e}") from None
+        raise StorageError(f"cannot open {redact(uri)}: {redact(str(e))}") from None
     return fs, path
 
 
@@ -63,29 +73,38 @@ def read_bytes(uri: str) -> bytes:
     """Whole object at ``uri``."""
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with _named("read", uri), fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
         raise StorageError(f"{redact(uri)} does not exist") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri``, creating parent directories where the filesystem has them."""
+    """Write ``data`` to ``uri``, creating parent directories where the filesystem has them. All or nothing: no
+    reader ever sees part of it, and a failed write (a full disk) leaves no file."""
     fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with _named("write", uri):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        if not isinstance(fs, pafs.LocalFileSystem):  # an object store makes an object visible only once complete
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = f"{path}.tmp-{os.getpid()}"  # a file system shows a half-written file: write aside, then rename
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            if fs.get_file_info(tmp).type == pafs.FileType.File:
+                fs.delete_file(tmp)  # a full disk leaves nothing behind
+            raise
 
 
 def exists(uri: str) -> bool:
     """Whether a file exists at ``uri``."""
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def redact_text(text: str) -> str:
-    """Drop query strings (endpoint options, possibly credentials) from URIs inside a message."""
-    return re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*", r"\1", text)
+    with _named("look up", uri):
+        return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5,
@@ -100,12 +119,12 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: 
             raise
         except transient as e:
             if i == attempts - 1:
-                raise StorageError(f"{what} failed after {attempts} attempts: {redact_text(describe(e))}") from None
+                raise StorageError(f"{what} failed after {attempts} attempts: {redact(describe(e))}") from None
             time.sleep(base_delay * 2**i)
     raise AssertionError("unreachable")
 
 
-def preflight(uri: str) -> None:
+def preflight(uri: str, what: str = "checkpoint location") -> None:
     """Write, read back and delete a probe object: fail at start-up, not after an hour of training."""
     probe = join(uri, f".distgpt-probe-{os.getpid()}")
     try:
@@ -114,7 +133,7 @@ def preflight(uri: str) -> None:
         fs, path = resolve(probe)
         fs.delete_file(path)
     except (StorageError, OSError, AssertionError) as e:
-        raise StorageError(f"checkpoint location {redact(uri)} is not writable ({e}) — check the bucket or path "
+        raise StorageError(f"{what} {redact(uri)} is not writable ({redact(str(e))}) — check the bucket or path "
                            f"exists and the credentials allow writing") from None
 
 
@@ -122,12 +141,21 @@ def list_dir(uri: str) -> list[pafs.FileInfo]:
     """Entries directly under ``uri`` (empty when it does not exist or is a file)."""
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        with _named("list", uri):
+            return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def delete_file(uri: str) -> None:
+    """Remove the file at ``uri``."""
+    fs, path = resolve(uri)
+    with _named("delete", uri):
+        fs.delete_file(path)
 
 
 def delete_dir(uri: str) -> None:
     """Remove ``uri`` and everything under it."""
     fs, path = resolve(uri)
-    fs.delete_dir(path)
+    with _named("delete", uri):
+        fs.delete_dir(path)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from distgpt.errors import DistgptError
+from distgpt.redact import redact
 
 GROUPS = ("train", "config", "data", "tokenizer", "generate", "infer", "plan", "checkpoint", "bench")
 """Modules of ``distgpt.cli`` that define commands, in the order ``--help`` lists them."""
@@ -47,16 +48,17 @@ def job_argument(p: argparse.ArgumentParser, default: str | None = None) -> None
 
 def build_parser(commands: list[Command] | None = None) -> argparse.ArgumentParser:
     """The argument parser (subcommands take --section.key=value overrides after their arguments)."""
-    parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.")
+    parser = argparse.ArgumentParser(prog="distgpt", description="Train GPT models across many machines.",
+                                     allow_abbrev=False)  # "--=1" or "--pl" must not match an option
     subs: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command",
                                                                                          required=True)}
     for cmd in commands if commands is not None else registry():
         for depth in range(1, len(cmd.path)):  # create the nested groups on first use
             prefix = cmd.path[:depth]
             if prefix not in subs:
-                group = subs[prefix[:-1]].add_parser(prefix[-1], help=cmd.group_help)
+                group = subs[prefix[:-1]].add_parser(prefix[-1], help=cmd.group_help, allow_abbrev=False)
                 subs[prefix] = group.add_subparsers(dest=f"{'_'.join(prefix)}_command", required=True)
-        p = subs[cmd.path[:-1]].add_parser(cmd.path[-1], help=cmd.help)
+        p = subs[cmd.path[:-1]].add_parser(cmd.path[-1], help=cmd.help, allow_abbrev=False)
         cmd.arguments(p)
         p.set_defaults(func=cmd.run)
     return parser
@@ -65,7 +67,7 @@ def build_parser(commands: list[Command] | None = None) -> argparse.ArgumentPars
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """distgpt's own warnings (a moved job key, a fallback it took) as one line, like its errors."""
     if category.__module__.startswith("distgpt."):
-        print(f"distgpt: warning: {message}", file=sys.stderr)
+        print(f"distgpt: warning: {redact(str(message))}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except DistgptError as e:
-        print(f"distgpt: error: {e}", file=sys.stderr)
+        print(f"distgpt: error: {redact(str(e))}", file=sys.stderr)  # a URI in a message never shows a secret
         return e.exit_code
     except KeyboardInterrupt:
         print("distgpt: interrupted", file=sys.stderr)

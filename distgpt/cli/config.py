@@ -9,11 +9,10 @@ from distgpt.cli import Command, job_argument
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Print the resolved job."""
-    from distgpt.config import load_job
-    from distgpt.config_schema import to_dict
+    """Print the resolved job (URIs redacted: credentials in a URI are never printed)."""
+    from distgpt.config import load_job, public_dict
 
-    print(json.dumps(to_dict(load_job(args.job, overrides)), indent=2))
+    print(json.dumps(public_dict(load_job(args.job, overrides)), indent=2))
     return 0
 
 

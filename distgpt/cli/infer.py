@@ -10,6 +10,7 @@ import warnings
 from distgpt.cli import Command
 from distgpt.config_schema import ConfigError
 from distgpt.errors import DistgptError
+from distgpt.redact import redact
 
 
 class InferError(DistgptError):
@@ -54,7 +55,7 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
         notes.append("compiled greedy tokens " + ("match eager" if r.matches_eager else "DIFFER from eager"))
     if r.agreement is not None:
         notes.append(f"greedy agreement with fp32 {100 * r.agreement:.1f}%")
-    print(f"wrote {args.out} ({', '.join(notes)}) — try: distgpt serve {args.out}")
+    print(f"wrote {redact(args.out)} ({', '.join(notes)}) — try: distgpt serve {redact(args.out)}")
     return 0 if r.matches_eager is not False else 1
 
 

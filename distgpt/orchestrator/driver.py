@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from distgpt.config import JobConfig
 from distgpt.errors import RunFailed
 from distgpt.orchestrator.actor import ControllerActor
+from distgpt.orchestrator.credentials import split_credentials
 from distgpt.orchestrator.inventory import ray_nodes, to_inventory
 from distgpt.orchestrator.planning import plan_for
 from distgpt.orchestrator.status import (
@@ -106,7 +107,7 @@ def choose_plan(job: JobConfig, plan: Plan | None, log=print) -> Plan:
 def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
-    job = _absolute(job)
+    job, secrets = split_credentials(_absolute(job))  # credentials reach the workers as environment only
     plan = choose_plan(job, plan, log)
     if not job.checkpoint.interval:
         log("note: checkpoint.interval is 0 — a failure restarts training from step 0")
@@ -114,6 +115,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     here = ray.get_runtime_context().get_node_id()  # the controller lives and dies with the driver's node
     actor = ray.remote(ControllerActor).options(
         num_cpus=0, max_concurrency=4, name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        runtime_env={"env_vars": secrets} if secrets else None,  # the worker actors inherit it
     ).remote(job, plan, name)
     done = actor.run.remote()
     try:

@@ -50,11 +50,12 @@ def test_resume_gives_the_same_losses(bucket, tiny_data, tmp_path, mode):
 
 
 def test_a_checkpoint_in_the_earlier_format_still_resumes(tiny_data, tmp_path, monkeypatch):
-    """Checkpoints now hold raw tensor bytes and no per-parameter optimizer hyper-parameters; those written before
-    (DCP's torch.save records, hyper-parameters included) still load and continue with the same losses."""
+    """Checkpoints now hold raw tensor bytes, no per-parameter optimizer hyper-parameters, and their index as JSON;
+    those written before (DCP's torch.save records, hyper-parameters included, DCP's pickled index) are refused
+    unless trusted — unpickling can run code — and then load and continue with the same losses."""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    from distgpt.checkpoint import manager
+    from distgpt.checkpoint import manager, metadata_json
     from distgpt.checkpoint.dcp_io import ArrowReader, ArrowWriter
 
     def dcp_records(self, plan, planner):  # DCP's own writer: one torch.save archive per item
@@ -67,12 +68,18 @@ def test_a_checkpoint_in_the_earlier_format_still_resumes(tiny_data, tmp_path, m
     with monkeypatch.context() as m:
         m.setattr(manager, "HYPER", "\0")  # matches no key: hyper-parameters stored, as before
         m.setattr(ArrowWriter, "write_data", dcp_records)
+        m.setattr(ArrowWriter, "finish", FileSystemWriter.finish)  # DCP's pickled .metadata …
+        m.setattr(metadata_json, "FILE", ".metadata")  # … which the manifest lists, as before
         first = run(tiny_data, tmp_path / "a", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
                     "--train.max_steps=4", "--checkpoint.async_save=false").fit()
-    old = ArrowReader(CheckpointManager(root).uri(4)).read_metadata()
+    with pytest.warns(UserWarning, match="unpickling the index"):
+        old = ArrowReader(CheckpointManager(root).uri(4), trust_pickled=True).read_metadata()
     assert any(k.startswith("optim.param_groups.") for k in old.state_dict_metadata)
     assert not any(info.transform_descriptors for info in old.storage_data.values())
-    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4")
+    with pytest.raises(CheckpointError, match=r"index is a pickle.*--checkpoint.trust_pickled_metadata=true"):
+        run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4")
+    resumed = run(tiny_data, tmp_path / "b", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
+                  "--checkpoint.trust_pickled_metadata=true")
     assert resumed.step == 4
     assert first.losses + resumed.fit().losses == full.losses
     new = ArrowReader(CheckpointManager(root).uri(8)).read_metadata()
@@ -168,31 +175,50 @@ def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, sav
 
 
 def test_export_ls_and_generate(bucket, tiny_data, tmp_path, capsys):
+    """…with a fake access key and secret in the root's URI (user info and query): the run, ls, export and generate
+    work, and the secret appears in no output, no log, no local file and no stored object."""
+    import pyarrow.fs as pafs
     from safetensors.torch import load_file
 
     from distgpt import storage
     from distgpt.cli import main
 
-    root = bucket[0].format("export")
-    res = run(tiny_data, tmp_path / "run", f"--checkpoint.uri={root}", "--checkpoint.interval=4",
-              "--train.max_steps=4").fit()
+    secret = "FAKEsecret0123"
+    root = bucket[0].format("export").replace("s3://", f"s3://AKIAFAKE:{secret}@")
+    logs: list[str] = []
+    res = Trainer(tiny_job(tiny_data, str(tmp_path / "run"), "--train.max_steps=4", "--train.eval_interval=0",
+                           "--train.log_interval=1", f"--checkpoint.uri={root}", "--checkpoint.interval=4"),
+                  log=logs.append).fit()
     storage.write_bytes(storage.join(root, "step-00000009", "__0_0.distcp"), b"partial")
     capsys.readouterr()
     assert main(["checkpoint", "ls", root]) == 0
     out = capsys.readouterr().out
     assert "step        4" in out and "committed" in out and "partial" in out
     assert "test-secret" not in out and "endpoint_override" not in out
+    exported_uri = root.replace("ckpt/export", "ckpt/exported")
     assert main(["checkpoint", "export", root, "--out", str(tmp_path / "export")]) == 0
+    assert main(["checkpoint", "export", root, "--out", exported_uri]) == 0
     exported = load_file(tmp_path / "export" / "model.safetensors")
     final = load_file(f"{res.final_dir}/model.safetensors")
     assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
     manifest = CheckpointManager(root).verify(CheckpointManager(root).committed()[-1])
     assert "endpoint_override" not in json.dumps(manifest)  # URIs in the saved job are redacted
-    capsys.readouterr()
+    shown = capsys.readouterr()
     assert main(["generate", "--checkpoint", str(tmp_path / "export"), "--prompt", "def", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def") and len(out) > len("def\n"), "the exported model generated nothing"
     assert main(["checkpoint", "export", root, "--out", str(tmp_path / "x"), "--step", "77"]) == 2
+    assert main(["generate", "--checkpoint", exported_uri, "--prompt", "def", "--max-new-tokens", "2"]) == 0
+    said = "\n".join(logs) + shown.out + shown.err + "".join(capsys.readouterr())
+    assert "s3://ckpt/export" in said and secret not in said
+    local = [f for f in tmp_path.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    fs, _ = storage.resolve(root)
+    objects = [i.path for i in fs.get_file_info(pafs.FileSelector("ckpt", recursive=True))
+               if i.type == pafs.FileType.File]
+    stored = [o for o in objects if secret.encode() in storage.read_bytes(
+        storage.join(root.replace("ckpt/export", "ckpt"), o.removeprefix("ckpt/")))]
+    assert any(o.startswith("ckpt/exported/") for o in objects)
+    assert local == [] and stored == []
 
 
 def _moto(port: int | None = None):
