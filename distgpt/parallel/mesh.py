@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from distgpt.planner.plan import Plan
+from distgpt.parallel.rendezvous import bound_store, under_torchrun_agent
+from distgpt.planner.plan import Plan, PlanError
 
 
 @dataclass
@@ -67,7 +68,12 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     keep_gloo_on_loopback()
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if under_torchrun_agent():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return
+    store = bound_store(timedelta(seconds=timeout_s))  # listens on MASTER_ADDR only (env:// would listen on all)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
 
 
 def keep_gloo_on_loopback() -> None:
@@ -76,6 +82,7 @@ def keep_gloo_on_loopback() -> None:
     rule lives: torchrun ranks, Ray workers and the checkpoint writer's group all come through here."""
     if os.environ.get("MASTER_ADDR", "").startswith("127."):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL's bootstrap sockets likewise
 
 
 def ensure_process_group() -> None:
@@ -109,7 +116,7 @@ def build_mesh(plan: Plan, device: torch.device | None = None) -> ParallelMesh:
     world = dist.get_world_size() if dist.is_initialized() else 1
     plan_world = plan.world_size
     if world != plan_world:
-        raise ValueError(f"the plan needs {plan_world} ranks (dp×tp×pp) but {world} are running")
+        raise PlanError([f"the plan needs {plan_world} ranks (dp×tp×pp) but {world} are running"])
     if world == 1:
         return ParallelMesh(plan, 0, device, coords={"dp": 0, "tp": 0, "pp": 0})
     rank = dist.get_rank()
