@@ -24,6 +24,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError([f"{arg}: overrides look like --section.key=value (e.g. --train.lr=3e-4)"], "overrides")
         key, raw = arg[2:].split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError([f"{arg}: no key before '=' — overrides look like --section.key=value "
+                               "(e.g. --train.lr=3e-4)"], "overrides")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -48,8 +51,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"{path}: no such job file — see jobs/ for examples"], str(path))
-    text = path.read_text()
     try:
+        text = path.read_text()
         if path.suffix == ".toml":
             return tomllib.loads(text)
         if path.suffix in (".yaml", ".yml"):

@@ -17,17 +17,43 @@ def launcher(cluster_launcher: str) -> str:
 
 
 def read_plan(path: str | None):
-    """The Plan in a JSON file given with --plan (None without one)."""
+    """The Plan in a JSON file given with --plan (None without one): every problem with the file listed at once."""
     if not path:
         return None
+    import json
+
+    from distgpt.config_schema import build
     from distgpt.planner.plan import Plan
 
+    fix = "write one with `distgpt plan JOB --inventory … --save FILE`"
     try:
         with open(path) as f:
-            return Plan.from_json(f.read())
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError([f"--plan {path}: {e} — write one with `distgpt plan JOB --inventory … --save FILE`"],
-                          "--plan") from None
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError([f"cannot read it ({e}) — {fix}"], f"--plan {path}") from None
+    problems: list[str] = []
+    plan = build(Plan, data, "plan", problems)  # the same checks as a job's [plan] section: keys and types
+    if problems:
+        raise ConfigError(problems, f"--plan {path}")
+    return plan
+
+
+def check_plan(job, plan, where: str) -> None:
+    """Refuse, before any data is prepared, a Plan that cannot run this job here: the processes running (under
+    one process or torchrun: ``WORLD_SIZE``; on Ray the controller starts as many as the Plan needs), the model's
+    shape and the batch. Every rank refuses alike."""
+    from distgpt.planner.plan import Plan
+
+    chosen: Plan = plan or job.plan
+    world = None if where == "ray" else int(os.environ.get("WORLD_SIZE", "1"))
+    problems = chosen.problems(job.workload().model, None, job.train.global_batch_size)
+    if world is not None and not problems and chosen.world_size != world:
+        problems = [f"needs dp×tp×pp = {chosen.dp}×{chosen.tp}×{chosen.pp} = {chosen.world_size} processes, but "
+                    f"{world} {'is' if world == 1 else 'are'} running — run it under torchrun with that many "
+                    "(torchrun --nproc-per-node=N -m distgpt.cli train …) or on Ray (--cluster.launcher=auto), "
+                    "or change the degrees"]
+    if problems:
+        raise ConfigError([f"plan: {p}" for p in problems], "--plan" if plan else "the job's [plan]")
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -37,7 +63,10 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     job = load_job(args.job, overrides)
     plan = read_plan(args.plan)
-    if launcher(job.cluster.launcher) == "ray":
+    where = launcher(job.cluster.launcher)
+    if job.cluster.plan != "auto" or where != "ray":
+        check_plan(job, plan, where)
+    if where == "ray":
         from distgpt.orchestrator.driver import run_on_ray
 
         ensure_prepared(job)

@@ -10,6 +10,7 @@ nothing repeated, nothing skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from functools import lru_cache
@@ -37,9 +38,12 @@ def read_manifest(uri: str) -> dict:
         raise DatasetError(
             f"no prepared dataset at {storage.redact(uri)} (no {MANIFEST}) — run `distgpt data prepare JOB` first"
         ) from None
-    if manifest.get("format") != FORMAT:
+    except ValueError as e:  # truncated or not JSON
+        raise DatasetError(f"{storage.redact(uri)}/{MANIFEST} is corrupt ({e}) — prepare the data again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(
-            f"{storage.redact(uri)}: unknown dataset format {manifest.get('format')!r}; expected {FORMAT} — "
+            f"{storage.redact(uri)}: unknown dataset format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r}; expected {FORMAT} — "
             f"prepare it again with this version of distgpt"
         )
     return manifest
@@ -60,7 +64,7 @@ class TokenDataset:
             raise DatasetError(f"{storage.redact(uri)} has no split {split!r}")
         info = self.manifest["splits"][split]
         self.seq_len: int = self.manifest["seq_len"]
-        shards = [self._open_shard(storage.join(uri, s["file"]), s["num_samples"]) for s in info["shards"]]
+        shards = [self._open_shard(storage.join(uri, s["file"]), s) for s in info["shards"]]
         self.columns: dict[str, np.ndarray] = {
             name: shards[0][name] if len(shards) == 1 else np.concatenate([sh[name] for sh in shards])
             for name in shards[0]}
@@ -68,19 +72,30 @@ class TokenDataset:
         if len(self.samples) == 0:
             raise DatasetError(f"{storage.redact(uri)}: split {split!r} holds no samples")
 
-    def _open_shard(self, uri: str, expected: int) -> dict[str, np.ndarray]:
+    def _open_shard(self, uri: str, entry: dict) -> dict[str, np.ndarray]:
+        """One shard's columns, after checking it against the manifest: its size always, its sha256 the first
+        time this process opens it (a truncated or altered shard is one clear error, never a misread)."""
         fs, path = storage.resolve(uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            source = pa.memory_map(path)  # zero-copy: the OS pages samples in on demand
-        else:
-            source = pa.BufferReader(storage.read_bytes(uri))
-        table = pa.ipc.open_file(source).read_all()
+        try:
+            if isinstance(fs, pafs.LocalFileSystem):
+                data = pa.memory_map(path).read_buffer()  # zero-copy: the OS pages samples in on demand
+            else:
+                data = pa.py_buffer(storage.read_bytes(uri))
+        except FileNotFoundError:
+            raise DatasetError(f"{storage.redact(uri)} is missing — prepare the data again") from None
+        _check_shard(uri, data, entry)
+        try:
+            table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{storage.redact(uri)} is not a readable shard ({e}) — prepare the data again"
+                               ) from None
         out = {}
         for name in table.column_names:
             col = table.column(name).combine_chunks()
             out[name] = col.values.to_numpy(zero_copy_only=True).reshape(-1, self.seq_len + 1)
-        if len(out["tokens"]) != expected:
-            raise DatasetError(f"{storage.redact(uri)} holds {len(out['tokens'])} samples, manifest says {expected}")
+        if len(out["tokens"]) != entry["num_samples"]:
+            raise DatasetError(f"{storage.redact(uri)} holds {len(out['tokens'])} samples, manifest says "
+                               f"{entry['num_samples']}")
         return out
 
     def __len__(self) -> int:
@@ -97,6 +112,24 @@ class TokenDataset:
     def rows(self, seed: int, start: int, count: int, shuffle: bool = True) -> dict[str, torch.Tensor]:
         """Columns of global sample positions start .. start+count-1 (the order: ``sample_ids``)."""
         return self.take_columns(sample_ids(len(self), seed, start, count, shuffle))
+
+
+_VERIFIED: set[tuple[str, str]] = set()
+"""(shard URI, sha256) pairs this process has hashed already: reopening a dataset does not hash it again."""
+
+
+def _check_shard(uri: str, data, entry: dict) -> None:
+    """Size (always) and sha256 (once per process) of a shard against its manifest entry."""
+    size = memoryview(data).nbytes
+    if "bytes" in entry and size != entry["bytes"]:
+        raise DatasetError(f"{storage.redact(uri)} has {size} bytes, the manifest says {entry['bytes']} — the shard "
+                           "is truncated or was replaced: prepare the data again (`distgpt data prepare JOB`)")
+    key = (uri, entry.get("sha256", ""))
+    if key[1] and key not in _VERIFIED:
+        if hashlib.sha256(data).hexdigest() != key[1]:
+            raise DatasetError(f"{storage.redact(uri)} does not match its checksum in the manifest — the shard is "
+                               "corrupt: prepare the data again (`distgpt data prepare JOB`)")
+        _VERIFIED.add(key)
 
 
 @lru_cache(maxsize=4)

@@ -124,8 +124,36 @@ def _write_shards(out: str, split: str, columns: dict[str, np.ndarray], shard_sa
 
 
 def prepare(spec: PrepareSpec, progress: Callable[[str], None] = print) -> dict:
-    """Build the dataset described by ``spec``; return its manifest. The manifest is written last, so an
-    interrupted run leaves no dataset that looks complete."""
+    """Build the dataset described by ``spec``; return its manifest. All or nothing: the output is checked to be
+    writable before anything is read; a dataset being replaced loses its manifest first (its shards are about to
+    change); every file is written whole (``storage.write_bytes``) and the manifest last; and a failure part-way (a
+    full disk, a bad source) removes the shards written so far — no dataset that looks complete, and no debris."""
+    fresh = not storage.list_dir(spec.out)
+    storage.preflight(spec.out, "data output")
+    if storage.exists(storage.join(spec.out, MANIFEST)):
+        storage.delete_file(storage.join(spec.out, MANIFEST))
+    try:
+        return _prepare(spec, progress)
+    except BaseException:
+        _remove_shards(spec.out, fresh)
+        raise
+
+
+def _remove_shards(out: str, fresh: bool) -> None:
+    """The files an unfinished prepare leaves under ``out`` (shards and tokenizer; nothing else is touched), and
+    ``out`` itself when this prepare created it (``fresh``) and it is empty again."""
+    try:
+        for info in storage.list_dir(out):
+            if info.base_name == "tokenizer.json" or (info.base_name.endswith(".arrow") and
+                                                      info.base_name.startswith(("train-", "val-"))):
+                storage.delete_file(storage.join(out, info.base_name))
+        if fresh and not storage.list_dir(out) and "://" not in out:
+            storage.delete_dir(out)
+    except storage.StorageError:
+        pass  # the storage that failed the prepare may refuse this too: the first error is the one to report
+
+
+def _prepare(spec: PrepareSpec, progress: Callable[[str], None]) -> dict:
     t0 = time.perf_counter()
     files = expand_sources(list(spec.sources))
     progress(f"reading {len(files)} file(s) from {', '.join(storage.redact(s) for s in spec.sources)}")
@@ -240,9 +268,13 @@ def ensure_prepared(job, progress: Callable[[str], None] = print) -> dict:
     """The manifest of the job's prepared dataset, preparing it first when none exists (or its seq_len differs)."""
     uri = job.prepared_dir
     if storage.exists(storage.join(uri, MANIFEST)):
-        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
-        if manifest.get("seq_len") == job.seq_len:
+        try:
+            manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+        except ValueError:
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("seq_len") == job.seq_len:
             return manifest
-        progress(f"prepared data at {storage.redact(uri)} has seq_len {manifest.get('seq_len')}, job wants "
-                 f"{job.seq_len}: re-preparing")
+        why = (f"has seq_len {manifest.get('seq_len')}, job wants {job.seq_len}" if isinstance(manifest, dict)
+               else f"has an unreadable {MANIFEST}")
+        progress(f"prepared data at {storage.redact(uri)} {why}: re-preparing")
     return prepare_job(job, progress=progress)

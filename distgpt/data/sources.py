@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import posixpath
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ _STDLIB_SKIP = {
 
 class SourceError(DistgptError, ValueError):
     """An input file cannot be read as the job says; the message names the file and the fix."""
+
+
+class SourceWarning(UserWarning):
+    """An input file was read with a repair (invalid UTF-8 replaced); the message counts what was replaced."""
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,7 @@ def read_documents(f: SourceFile, text_field: str) -> Iterator[str]:
 
         yield from ("\n".join(text for _, text in conv) for conv in read_conversations(f))
         return
-    with f.fs.open_input_stream(f.path) as stream:
-        raw = stream.read()
-    text = raw.decode("utf-8", errors="replace")  # a stray bad byte should not sink a whole corpus
+    text = _read_text(f)
     if f.kind == "text":
         if text:
             yield text
@@ -132,6 +135,31 @@ def read_documents(f: SourceFile, text_field: str) -> Iterator[str]:
             ) from None
         if doc:
             yield str(doc)
+
+
+MAX_INVALID = 0.001
+"""Share of a file's bytes that may be invalid UTF-8 (each becomes U+FFFD, counted in a warning): a stray bad byte
+should not sink a corpus, but a binary file is not text."""
+
+
+def _read_text(f: SourceFile) -> str:
+    """The file decoded as UTF-8; SourceError naming it when it cannot be read or is not text."""
+    try:
+        with f.fs.open_input_stream(f.path) as stream:
+            raw = stream.read()
+    except OSError as e:
+        raise SourceError(f"{f.label}: cannot be read ({e.strerror or e}) — fix it or remove it from "
+                          "data.sources") from None
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # replacements made, not U+FFFD already there
+    nul = b"\0" in raw
+    if nul or bad > MAX_INVALID * max(len(raw), 1):
+        raise SourceError(f"{f.label}: not UTF-8 text ({bad} invalid byte sequence(s) in {len(raw)} bytes"
+                          f"{', NUL bytes' if nul else ''}) — convert it to UTF-8, or remove it from data.sources")
+    if bad:
+        warnings.warn(f"{f.label}: {bad} invalid UTF-8 byte sequence(s) replaced with U+FFFD", SourceWarning,
+                      stacklevel=3)
+    return text
 
 
 def _has_column(f: SourceFile, name: str) -> bool:

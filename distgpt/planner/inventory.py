@@ -111,12 +111,19 @@ def inventory_from_dict(data: dict[str, Any], source: str = "inventory") -> Inve
 
 
 def _load_mapping(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
+    """The file's top-level table; InventoryError naming the file for anything unreadable or not a table."""
     import yaml
 
-    return yaml.safe_load(text) or {}
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise InventoryError(f"{path}: cannot be read as {'TOML' if path.suffix == '.toml' else 'YAML'} "
+                             f"({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: expected a table (an inventory with 'nodes', or a Ray cluster YAML with "
+                             f"'provider'), got a {type(data).__name__}")
+    return data
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -130,20 +137,36 @@ def load_inventory(path: str | Path) -> Inventory:
     return inventory_from_dict(data, str(p))
 
 
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InventoryError(f"{where}: expected a table, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def inventory_from_ray_yaml(data: dict[str, Any], source: str = "cluster yaml") -> Inventory:
     """Node types of a Ray cluster-launcher config at their max worker counts.
 
     Devices come from the instance type (AWS/GCP tables above) or, for any provider, from a custom resource
     ``device:<TYPE>`` in the node type's ``resources`` (or in ``ray start --resources`` of the local provider).
     """
-    provider = data.get("provider", {})
+    provider = _table(data.get("provider"), f"{source}: provider")
     site = str(provider.get("region") or provider.get("availability_zone") or provider.get("type", "default"))
     groups: list[NodeGroup] = []
-    for name, nt in (data.get("available_node_types") or {}).items():
-        dev, count, net = _node_devices(nt.get("node_config", {}), nt.get("resources", {}))
-        n = int(nt.get("max_workers", nt.get("min_workers", 0)))
-        if dev and count and n:
-            groups.append(NodeGroup(name, device_type(dev), count, n, site, network_bw=net * 1e9))
+    for name, nt in _table(data.get("available_node_types"), f"{source}: available_node_types").items():
+        where = f"{source}: available_node_types.{name}"
+        nt = _table(nt, where)
+        try:
+            dev, count, net = _node_devices(_table(nt.get("node_config"), f"{where}.node_config"),
+                                            _table(nt.get("resources"), f"{where}.resources"))
+            n = int(nt.get("max_workers", nt.get("min_workers", 0)))
+            if dev and count and n:
+                groups.append(NodeGroup(name, device_type(dev), count, n, site, network_bw=net * 1e9))
+        except (TypeError, ValueError) as e:
+            raise InventoryError(f"{where}: {e}") from None
+        except KeyError as e:
+            raise InventoryError(f"{where}: {e.args[0]}") from None
     if provider.get("type") == "local":
         ips = provider.get("worker_ips", []) + [provider.get("head_ip")]
         dev, count = _local_devices(" ".join(data.get("worker_start_ray_commands", [])))
