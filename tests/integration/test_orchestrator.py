@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.cli import main
 from distgpt.orchestrator.driver import OrchestrationError, run_on_ray
 
-from ..conftest import REPO, tiny_job
+from ..conftest import REPO, moto_s3, tiny_job
 
 pytestmark = pytest.mark.timeout(600)
 BASE = ["--train.log_interval=1", "--train.eval_interval=0", "--train.eval_batches=1", "--model.dropout=0.0",
@@ -109,13 +110,32 @@ def test_a_hang_is_caught_by_the_watchdog(ray_cluster, tiny_data, tmp_path):
     assert s["result"]["steps"] == 8
 
 
-def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data, tmp_path, capsys):
-    args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
-            *BASE, "--train.max_steps=2", "--plan.dp=2"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "trained 2 steps on Ray" in out and "--- sample" in out
+def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data, tmp_path, capsys, monkeypatch):
+    """…with a checkpoint URI carrying a fake key and secret: the job the actors get holds no credential (they travel
+    as runtime_env variables — the workers, started before these were in any environment, still reach the bucket)."""
+    from distgpt.orchestrator import driver
+
+    seen = []
+    real = driver.split_credentials
+    monkeypatch.setattr(driver, "split_credentials", lambda job: seen.append(real(job)) or seen[-1])
+    secret = "FAKEsecret0123"
+    with moto_s3("raycreds") as (port, _):
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(k)  # only the URI has credentials
+        root = f"s3://AKIAFAKE:{secret}@raycreds/ck?endpoint_override=127.0.0.1:{port}&scheme=http"
+        args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}",
+                f"--run.out_dir={tmp_path}", *BASE, "--train.max_steps=2", "--plan.dp=2",
+                f"--checkpoint.uri={root}", "--checkpoint.interval=2"]
+        assert main(args) == 0
+        committed = CheckpointManager(root).committed()
+    out = capsys.readouterr()
+    assert "trained 2 steps on Ray" in out.out and "--- sample" in out.out
     assert (tmp_path / "final" / "model.safetensors").exists()
+    (job, env), = seen
+    assert secret not in repr(job) and job.checkpoint.uri.startswith("s3://raycreds/ck?")
+    assert env == {"AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": secret}
+    assert [c.step for c in committed] == [2]  # the workers wrote it with the credentials from runtime_env
+    assert secret not in out.out + out.err
     # the controller streamed rank 0's metrics to the driver, which wrote them
     recs = records(tmp_path)
     assert sorted(recs) == [1, 2] and all(r["tokens_per_s"] > 0 and r["mem_gb"] > 0.01 for r in recs.values())
