@@ -181,6 +181,9 @@ class CheckpointSection:
     async_upload: Literal["process", "thread"] = "process"
     """Who serialises and uploads an async save: 'process', a background process per rank (shares no GIL with
     training; stages one copy of the rank's state in /dev/shm), or 'thread', a thread of the training process."""
+    outage_wait_s: float = 600.0
+    """How long a run waits for unreachable checkpoint storage at start-up and on resume (saying so) before failing.
+    A save that fails — after its retries — fails that save only: training goes on and the next save tries again."""
     trust_pickled_metadata: bool = False
     """Resume from a checkpoint an earlier distgpt wrote, whose index is DCP's pickle (unpickling runs any code the
     file holds: only for checkpoints you trust). Saves always write the index as JSON."""

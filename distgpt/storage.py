@@ -35,6 +35,22 @@ class StorageIOError(StorageError, OSError):
     """A read, write or listing the storage refused (a missing bucket, denied credentials, an unreachable endpoint):
     still an ``OSError``, so retries treat it as the I/O failure it is."""
 
+    @property
+    def transient(self) -> bool:
+        """Whether waiting may help: the endpoint is unreachable or overloaded (not a missing bucket or a denial)."""
+        return is_transient(str(self))
+
+
+_TRANSIENT = ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN", "THROTTLING",
+              "REQUEST_TIMEOUT", "curlCode", "Connection reset", "Connection refused", "timed out", "Broken pipe",
+              "Couldn't connect", "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504")
+"""What pyarrow's S3 client (the AWS SDK, curl) and the OS say when a store is down, overloaded or cut off."""
+
+
+def is_transient(message: str) -> bool:
+    """Whether a storage error message describes an outage (worth waiting out) rather than a wrong request."""
+    return any(t in message for t in _TRANSIENT)
+
 
 @contextmanager
 def _named(action: str, uri: str) -> Iterator[None]:
@@ -119,16 +135,17 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: 
             raise
         except transient as e:
             if i == attempts - 1:
-                raise StorageError(f"{what} failed after {attempts} attempts: {redact(describe(e))}") from None
+                tries = f" after {attempts} attempts" if attempts > 1 else ""
+                raise StorageError(f"{what} failed{tries}: {redact(describe(e))}") from None
             time.sleep(base_delay * 2**i)
     raise AssertionError("unreachable")
 
 
-def preflight(uri: str, what: str = "checkpoint location") -> None:
+def preflight(uri: str, what: str = "checkpoint location", attempts: int = 2) -> None:
     """Write, read back and delete a probe object: fail at start-up, not after an hour of training."""
     probe = join(uri, f".distgpt-probe-{os.getpid()}")
     try:
-        with_retries(lambda: write_bytes(probe, b"ok"), f"writing to {redact(uri)}", attempts=2)
+        with_retries(lambda: write_bytes(probe, b"ok"), f"writing to {redact(uri)}", attempts=attempts)
         assert read_bytes(probe) == b"ok"
         fs, path = resolve(probe)
         fs.delete_file(path)

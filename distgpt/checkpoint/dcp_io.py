@@ -109,7 +109,7 @@ class ArrowFileSystem(FileSystemBase):
         if name in self.expected:
             size, digest = self.expected[name]
             if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
-                raise OSError(f"{name} is corrupt (checksum mismatch)")
+                raise OSError(f"{name} is corrupt (checksum mismatch)")  # read_into: not transient
         yield io.BytesIO(data)
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
@@ -132,6 +132,10 @@ class ArrowFileSystem(FileSystemBase):
         self.fs.delete_file(os.fspath(path))
 
 
+SAVE_ATTEMPTS = 4
+"""Tries per checkpoint file (backoff 0.5 s, 1 s, 2 s between them) before the save fails."""
+
+
 class ArrowWriter(FileSystemWriter):
     """DCP writer to a pyarrow URI (one file per rank).
 
@@ -147,11 +151,18 @@ class ArrowWriter(FileSystemWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items to its one file as raw bytes (``records.py``), then its checksums side file."""
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"  # DCP's name for rank r's first file: __r_0.distcp
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
-            results = records.write_items(stream, name, plan, planner)
+
+        def shard() -> list[WriteResult]:
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                return records.write_items(stream, name, plan, planner)
+
+        # Each file is retried whole with backoff (a flaky store, a reset connection); only then does the save fail.
+        # Here, not around the save: an async save's upload runs in DCP's background process.
+        results = storage.with_retries(shard, f"writing {name}", attempts=SAVE_ATTEMPTS)
         rank = int(plan.storage_data.prefix.strip("_"))
-        with self.fs.create_stream(self.fs.concat_path(self.path, _checksums_name(rank)), "wb") as f:
-            f.write(json.dumps(self.fs.written).encode())
+        sums = json.dumps(self.fs.written).encode()
+        storage.with_retries(lambda: self._write(_checksums_name(rank), sums), "writing checksums",
+                             attempts=SAVE_ATTEMPTS)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -160,8 +171,13 @@ class ArrowWriter(FileSystemWriter):
         """Write DCP's index as JSON (``metadata_json.FILE``), not DCP's pickle (on the coordinator). One write of
         the final name: the manifest, written after it, is what commits the checkpoint."""
         metadata.storage_data = {wr.index: wr.storage_data for wrs in results for wr in wrs}
-        with self.fs.create_stream(self.fs.concat_path(self.path, metadata_json.FILE), "wb") as f:
-            f.write(metadata_json.dumps(metadata))
+        index = metadata_json.dumps(metadata)
+        storage.with_retries(lambda: self._write(metadata_json.FILE, index), "writing the index",
+                             attempts=SAVE_ATTEMPTS)
+
+    def _write(self, name: str, data: bytes) -> None:
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as f:
+            f.write(data)
 
     def __setstate__(self, state: dict) -> None:
         # Only DCP's background save process unpickles a writer. DCP sets that process's root logger to INFO and

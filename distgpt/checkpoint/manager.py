@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from distgpt import storage
 from distgpt.checkpoint import metadata_json, signing
 from distgpt.checkpoint.dcp_io import (
+    SAVE_ATTEMPTS,
     ArrowReader,
     ArrowWriter,
     SafeLoadPlanner,
@@ -41,68 +42,18 @@ from distgpt.checkpoint.dcp_io import (
     read_checksums,
     with_retries,
 )
-from distgpt.checkpoint.layout import MANIFEST, Committed, committed, step_uri
+from distgpt.checkpoint.layout import (  # noqa: F401 — CheckpointError, list_checkpoints: also imported from here
+    MANIFEST,
+    CheckpointError,
+    Committed,
+    committed,
+    list_checkpoints,
+    read_manifest,
+    step_uri,
+)
 from distgpt.checkpoint.snapshot import CpuSnapshotStager, on_cpu
-from distgpt.errors import DistgptError
 from distgpt.parallel.mesh import ensure_process_group
-from distgpt.storage import StorageError, delete_dir, list_dir, redact
-
-
-class CheckpointError(DistgptError, RuntimeError):
-    """A checkpoint cannot be loaded (missing, corrupt, or incompatible); the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class Listed:
-    """One step directory under a checkpoint root, as ``distgpt checkpoint ls`` shows it."""
-
-    step: int
-    bytes: int
-    status: str
-    """'committed' (its manifest exists), 'partial' (an unfinished save: it does not exist for loading) or 'corrupt'
-    (a manifest that cannot be read: loading refuses it)."""
-    plan: str = ""
-    saved: float = 0.0
-    """Unix time of the commit (0 for a partial one)."""
-
-
-def read_manifest(uri: str) -> dict:
-    """The manifest of the checkpoint at ``uri``; CheckpointError when it is truncated or not one."""
-    raw = storage.read_bytes(storage.join(uri, MANIFEST))
-    try:
-        m = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{redact(uri)}: {MANIFEST} is corrupt ({e}) — it cannot be loaded; delete the "
-                              "directory, or load another step") from None
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or not isinstance(m.get("step"), int):
-        raise CheckpointError(f"{redact(uri)}: {MANIFEST} is not a distgpt checkpoint manifest (no 'files' and "
-                              "'step')")
-    bad = signing.problem(m)
-    if bad:
-        raise CheckpointError(f"{redact(uri)}: {MANIFEST} {bad}")
-    strays = [n for n in m["files"] if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("..")]
-    if strays:  # every file of a checkpoint lies in its own directory: nothing is read from elsewhere
-        raise CheckpointError(f"{redact(uri)}: {MANIFEST} names files outside the checkpoint ({strays[:3]})")
-    return m
-
-
-def list_checkpoints(root: str) -> list[Listed]:
-    """Every step directory under ``root`` with its size and status, oldest first."""
-    rows = []
-    for info in list_dir(root):
-        if not info.base_name.startswith("step-") or not info.base_name[5:].isdigit():
-            continue  # a stray directory is not a checkpoint
-        uri = storage.join(root, info.base_name)
-        files = list_dir(uri)
-        row = Listed(int(info.base_name[5:]), sum(f.size or 0 for f in files), "partial")
-        if any(f.base_name == MANIFEST for f in files):
-            try:
-                m = read_manifest(uri)
-                row = Listed(row.step, row.bytes, "committed", m.get("plan_describe", ""), m.get("saved_unix", 0.0))
-            except CheckpointError:
-                row = Listed(row.step, row.bytes, "corrupt")
-        rows.append(row)
-    return sorted(rows, key=lambda r: r.step)
+from distgpt.storage import StorageError, StorageIOError, delete_dir, list_dir, redact
 
 
 def _dist() -> tuple[int, int]:
@@ -141,6 +92,16 @@ def _local_bytes(value) -> int:
     if isinstance(value, DTensor):
         value = value.to_local()
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _agree(error: str, what: str) -> None:
+    """Collective: raise StorageError on every rank if ``error`` is set on any (this rank's text, or a note that
+    another rank failed) — so a failed save is the same event everywhere and no rank waits on one that gave up."""
+    failed = torch.tensor([1 if error else 0])
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise StorageError(f"{what} failed: {error or 'another rank could not write its part'}")
 
 
 def _sha256(uri: str) -> tuple[int, str]:
@@ -200,7 +161,7 @@ class CheckpointManager:
             writer.fs.written.clear()
             dcp.save(state, storage_writer=writer)
 
-        with_retries(write, f"saving {redact(uri)}")
+        with_retries(write, f"saving {redact(uri)}", attempts=1)  # each file is retried inside (dcp_io)
         self._commit(step, uri, meta, tokenizer_json, _gather(torch.get_rng_state().tolist()), writer.fs.written)
         return f"{redact(uri)} saved in {time.perf_counter() - t0:.2f}s (blocking)"
 
@@ -291,12 +252,14 @@ class CheckpointManager:
         p, self.pending = self.pending, None
         if p is None:
             return None
+        error = ""
         try:
             p.future.result()
+            written = read_checksums(p.uri, _dist()[0])
         except BaseException as e:  # a storage failure: the previous commit stays the latest
-            raise StorageError(f"background save of step {p.step} to {redact(p.uri)} failed: "
-                               f"{redact(first_error(e))}") from None
-        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, read_checksums(p.uri, _dist()[0]))
+            error = redact(first_error(e))
+        _agree(error, f"background save of step {p.step} to {redact(p.uri)}")  # every rank fails alike, or none
+        self._commit(p.step, p.uri, p.meta, p.tokenizer_json, p.rng, written)
         return (f"{redact(p.uri)} committed {time.perf_counter() - p.started:.2f}s after it started (async; training "
                 f"waited {p.blocked * 1e3:.0f} ms for it)")
 
@@ -305,21 +268,38 @@ class CheckpointManager:
         """Checksums (hashed while writing) from every rank, then the tokenizer and the manifest from rank 0."""
         rank, _ = _dist()
         files = _gather({k: v for k, v in written.items() if k.startswith("__")})
+        error = ""
         if rank == 0:
-            merged = {k: v for part in files for k, v in part.items()}
-            # the index is written by the coordinator's writer (maybe in DCP's save process): hash the small file here
-            merged[metadata_json.FILE] = _sha256(storage.join(uri, metadata_json.FILE))
-            if tokenizer_json:
-                storage.write_bytes(storage.join(uri, "tokenizer.json"), tokenizer_json.encode())
-                merged["tokenizer.json"] = _sha256(storage.join(uri, "tokenizer.json"))
-            manifest = {"format": "distgpt-checkpoint/1", "step": step, "saved_unix": time.time(),
-                        "files": {k: {"bytes": b, "sha256": h} for k, (b, h) in sorted(merged.items())},
-                        "rng": rng, **meta}
-            storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(signing.sign(manifest)).encode())  # commit
-            self.retain()
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                    storage.with_retries(lambda: self._write_manifest(step, uri, files, tokenizer_json, rng, meta),
+                                     f"writing the manifest of step {step}", attempts=SAVE_ATTEMPTS)
+            except StorageError as e:
+                error = str(e)
+            self._retain_quietly()
+        _agree(error, f"committing step {step} to {redact(uri)}")
         self.committed_step = step
+
+    def _write_manifest(self, step: int, uri: str, files: list[dict], tokenizer_json: str, rng: list,
+                        meta: dict) -> None:
+        """Rank 0: the tokenizer, then the manifest — the commit — then retention."""
+        merged = {k: v for part in files for k, v in part.items()}
+        # the index is written by the coordinator's writer (maybe in DCP's save process): hash the small file here
+        merged[metadata_json.FILE] = _sha256(storage.join(uri, metadata_json.FILE))
+        if tokenizer_json:
+            storage.write_bytes(storage.join(uri, "tokenizer.json"), tokenizer_json.encode())
+            merged["tokenizer.json"] = _sha256(storage.join(uri, "tokenizer.json"))
+        manifest = {"format": "distgpt-checkpoint/1", "step": step, "saved_unix": time.time(),
+                    "files": {k: {"bytes": b, "sha256": h} for k, (b, h) in sorted(merged.items())},
+                    "rng": rng, **meta}
+        storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(signing.sign(manifest)).encode())  # commit
+
+    def _retain_quietly(self) -> None:
+        """Retention after a commit: a storage failure here costs disk space, not the save (the next one retries)."""
+        try:
+            self.retain()
+        except StorageError as e:
+            warnings.warn(f"retention after a checkpoint commit failed ({e}); old checkpoints stay until the next "
+                          "commit", stacklevel=2)
 
     def retain(self) -> None:
         """Keep the last ``keep_last`` checkpoints (and every ``keep_every``-th step); delete the rest and any
@@ -395,6 +375,8 @@ class CheckpointManager:
         except (CheckpointException, OSError) as e:
             msg = first_error(e)
             missing = "not exist" in msg or "NotFound" in msg or "No such file" in msg
+            if storage.is_transient(msg):  # an outage, not the checkpoint's fault: loading an older one would be wrong
+                raise StorageIOError(f"reading {redact(c.uri)} failed: {redact(msg)}") from None
             raise CheckpointError(f"{redact(c.uri)}: {'a shard file is missing' if missing else redact(msg)}"
                                   ) from None
         return manifest

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from distgpt.errors import DistgptError
 from distgpt.redact import redact
 
-GROUPS = ("train", "config", "data", "tokenizer", "generate", "infer", "plan", "checkpoint", "bench")
+GROUPS = ("train", "config", "data", "tokenizer", "generate", "infer", "plan", "checkpoint", "drill", "bench")
 """Modules of ``distgpt.cli`` that define commands, in the order ``--help`` lists them."""
 
 

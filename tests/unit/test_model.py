@@ -43,14 +43,36 @@ def test_causality_future_tokens_never_change_earlier_logits(pos):
     assert not torch.allclose(a[:, 12:], b[:, 12:])  # and the future did change something
 
 
-def test_position_encodings_differ():
+@pytest.mark.parametrize("pos", ENCODINGS)
+def test_every_position_encoding_sees_word_order(pos):
+    """Without position information one causal attention layer is blind to order: the last token's logits are the
+    same for any reordering of what precedes it (attention sums over a set). Each encoding must break that. The
+    blind baseline is checked too, so the test cannot pass by accident."""
+    a, b = torch.tensor([[3, 7, 11, 2, 5]]), torch.tensor([[11, 2, 7, 3, 5]])  # same tokens before the last, reordered
     torch.manual_seed(0)
-    x = torch.randint(0, 97, (1, 10))
-    outs = []
-    for pos in ENCODINGS:
-        torch.manual_seed(0)
-        outs.append(GPT(small_cfg(pos_encoding=pos)).eval()(x))
-    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    blind = GPT(small_cfg(pos_encoding="learned", n_layer=1)).eval()
+    torch.nn.init.zeros_(blind.pos_emb.weight)
+    assert (blind(a)[0, -1] - blind(b)[0, -1]).abs().max() < 2e-7  # float rounding only
+    torch.manual_seed(0)
+    model = GPT(small_cfg(pos_encoding=pos, n_layer=1)).eval()
+    # At initialisation attention is nearly uniform, so the effect is small (sinusoidal ≈ 2e-5, learned ≈ 8e-3);
+    # 1e-6 is still five times float rounding.
+    assert (model(a)[0, -1] - model(b)[0, -1]).abs().max() > 1e-6
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    """q·k after rotary depends on m − n alone: the same pair shifted by s scores the same, another gap does not."""
+    from distgpt.model.gpt import apply_rope, rope_tables
+
+    cos, sin = rope_tables(64, 8, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        return (apply_rope(q, cos[m : m + 1], sin[m : m + 1]) * apply_rope(k, cos[n : n + 1], sin[n : n + 1])).sum()
+
+    for s in (1, 7, 40):
+        torch.testing.assert_close(score(9, 3), score(9 + s, 3 + s), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(score(9, 3), score(9, 4))
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": False}, {"tie_embeddings": False}, {"pos_encoding": "rotary"}])

@@ -92,5 +92,18 @@ def test_schedule_and_no_decay_groups():
 
 
 def test_bf16_autocast_trains(tiny_data, tmp_path):
-    res = run(tiny_data, tmp_path, "--plan.dtype='bf16'", "--train.max_steps=10")
+    """bf16 really computes in bf16 (every Linear's output is bfloat16 during training), keeps fp32 master weights,
+    gives other losses than fp32 — and still learns."""
+    t = Trainer(tiny_job(tiny_data, str(tmp_path / "bf16"), "--plan.dtype='bf16'", "--train.max_steps=10"),
+                log=lambda s: None)
+    seen: set[torch.dtype] = set()
+    for m in t.engine.modules:
+        for layer in m.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    res = t.fit()
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in t.engine.unique_params())
+    fp32 = run(tiny_data, tmp_path / "fp32", "--train.max_steps=10")
+    assert res.losses != fp32.losses
     assert res.losses[-1] < res.losses[0] - 0.3
