@@ -1,4 +1,4 @@
-"""``distgpt drill storage JOB``: make the job's checkpoint store fail on purpose and check that nothing is lost."""
+"""``distgpt drill storage JOB`` and ``distgpt drill chaos JOB``: fail on purpose, check that nothing is lost."""
 
 from __future__ import annotations
 
@@ -28,6 +28,34 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="what the store does during the first act's failing save (default: answers 503)")
 
 
+def chaos_drill(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A run with random faults against the same run without (``orchestrator/chaos.py``), on Ray."""
+    from distgpt.config import load_job
+    from distgpt.data.prepare import ensure_prepared
+    from distgpt.errors import RunFailed
+    from distgpt.orchestrator.chaos import run_chaos
+    from distgpt.orchestrator.driver import connect
+
+    job = load_job(args.job, overrides)
+    ensure_prepared(job)
+    print(f"ray: {connect(args.address or job.cluster.address, job.cluster.embedded_cpus)}")
+    report = run_chaos(job, args.faults, args.seed, log=lambda s: None if args.quiet else print(s))
+    print("\n".join(report.lines()))
+    if not report.ok:
+        raise RunFailed("chaos drill: the run with faults did not end where the run without them did")
+    return 0
+
+
+def _chaos_arguments(p: argparse.ArgumentParser) -> None:
+    job_argument(p, "jobs/tiny.toml")
+    p.add_argument("--faults", type=int, default=10, help="how many faults (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="draws the faults' steps, ranks and kinds")
+    p.add_argument("--address", default="", help="Ray cluster (default: $RAY_ADDRESS, else an embedded one)")
+    p.add_argument("--quiet", action="store_true", help="print only the report")
+
+
 COMMANDS = [Command(("drill", "storage"), "fail the checkpoint store on purpose (503s, resets, an outage) while a "
                     "short run saves and resumes; checks nothing is lost", storage_drill, _arguments,
-                    group_help="failure drills")]
+                    group_help="failure drills"),
+            Command(("drill", "chaos"), "a run with random kills and hangs against the same run without: bitwise "
+                    "equal parameters, losses and samples", chaos_drill, _chaos_arguments)]

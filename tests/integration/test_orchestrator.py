@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.cli import main
@@ -48,22 +47,26 @@ def test_placement_follows_the_plan(ray_cluster, tiny_data, tmp_path):
     assert s["state"] == "finished" and s["result"]["steps"] == 3
 
 
-def test_three_worker_kills_finish_bitwise_equal_to_an_uninterrupted_run(ray_cluster, tiny_data, tmp_path):
-    common = ["--train.max_steps=16", "--plan.dp=2", "--plan.replica_devices=['A100-40GB', 'A100-40GB']",
-              "--checkpoint.interval=3"]
-    ref = train(tiny_data, tmp_path / "ref", *common)
-    hurt = train(tiny_data, tmp_path / "hurt", *common, "--cluster.inject=['kill@4:1', 'kill@9:0', 'kill@13:1']")
-    assert [r["cause"] for r in hurt["recoveries"]] == ["worker died"] * 3
-    assert all(r["decision"] == "restart" for r in hurt["recoveries"])
-    a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(
-        tmp_path / "hurt" / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bitwise
-    ra, rb = records(tmp_path / "ref"), records(tmp_path / "hurt")
-    assert sorted(ra) == sorted(rb) == list(range(1, 17))
-    assert [ra[s]["samples"] for s in ra] == [rb[s]["samples"] for s in ra]  # same samples, none skipped or repeated
-    assert [ra[s]["loss"] for s in ra] == [rb[s]["loss"] for s in ra]
-    log = (tmp_path / "hurt" / "metrics.jsonl").read_text()
-    assert '"kind": "resumed"' in log and ref["recoveries"] == []
+def test_chaos_drill_kills_and_hangs_finish_bitwise_equal_to_an_uninterrupted_run(ray_cluster, tiny_data, tmp_path,
+                                                                                 capsys):
+    """`distgpt drill chaos`: two kills and a hang at drawn steps and ranks; the run ends bitwise equal to the same
+    run without faults — final parameters, the loss at every step, the samples of every step (none skipped or
+    repeated) — and the report names each fault, recovery and the time it cost."""
+    from distgpt.orchestrator.chaos import draw_faults
+
+    assert draw_faults(3, 16, 2, seed=3) == ["kill@4:1", "hang@9:0", "kill@10:1"]
+    args = ["drill", "chaos", str(REPO / "jobs" / "tiny.toml"), "--faults=3", "--seed=3", "--quiet",
+            f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}", *BASE, "--train.max_steps=16",
+            "--plan.dp=2", "--plan.replica_devices=['A100-40GB', 'A100-40GB']", "--checkpoint.interval=3",
+            "--cluster.hang_timeout_s=4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "faults: kill@4:1, hang@9:0, kill@10:1" in out
+    causes = re.findall(r"recovery: (worker died|hang) at step \d+ → restart; [\d.]+ s to the next step", out)
+    assert causes == ["worker died", "hang", "worker died"], out
+    for what in ("final parameters", "loss at every step", "samples at every step"):
+        assert f"{what}: bitwise equal to the run without faults" in out
+    assert '"kind": "resumed"' in (tmp_path / "chaos-chaos" / "metrics.jsonl").read_text()
 
 
 def test_node_loss_replans_onto_the_remaining_nodes(ray_cluster, tiny_data, tmp_path):
