@@ -39,7 +39,7 @@ def chaos_drill(args: argparse.Namespace, overrides: list[str]) -> int:
     job = load_job(args.job, overrides)
     ensure_prepared(job)
     print(f"ray: {connect(args.address or job.cluster.address, job.cluster.embedded_cpus)}")
-    report = run_chaos(job, args.faults, args.seed, log=lambda s: None if args.quiet else print(s))
+    report = run_chaos(job, args.faults, args.seed)
     print("\n".join(report.lines()))
     if not report.ok:
         raise RunFailed("chaos drill: the run with faults did not end where the run without them did")
@@ -51,7 +51,6 @@ def _chaos_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faults", type=int, default=10, help="how many faults (default 10)")
     p.add_argument("--seed", type=int, default=0, help="draws the faults' steps, ranks and kinds")
     p.add_argument("--address", default="", help="Ray cluster (default: $RAY_ADDRESS, else an embedded one)")
-    p.add_argument("--quiet", action="store_true", help="print only the report")
 
 
 COMMANDS = [Command(("drill", "storage"), "fail the checkpoint store on purpose (503s, resets, an outage) while a "

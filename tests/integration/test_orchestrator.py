@@ -55,7 +55,7 @@ def test_chaos_drill_kills_and_hangs_finish_bitwise_equal_to_an_uninterrupted_ru
     from distgpt.orchestrator.chaos import draw_faults
 
     assert draw_faults(3, 16, 2, seed=3) == ["kill@4:1", "hang@9:0", "kill@10:1"]
-    args = ["drill", "chaos", str(REPO / "jobs" / "tiny.toml"), "--faults=3", "--seed=3", "--quiet",
+    args = ["drill", "chaos", str(REPO / "jobs" / "tiny.toml"), "--faults=3", "--seed=3",
             f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}", *BASE, "--train.max_steps=16",
             "--plan.dp=2", "--plan.replica_devices=['A100-40GB', 'A100-40GB']", "--checkpoint.interval=3",
             "--cluster.hang_timeout_s=4"]

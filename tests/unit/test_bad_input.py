@@ -125,3 +125,28 @@ def test_a_damaged_dataset_shard_is_one_clear_error(tiny_data, tmp_path, capsys,
     assert "Traceback" not in err and shard.name in err
     assert ("truncated" if damage == "truncate" else "does not match its checksum") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_that_fills_during_prepare_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+    """The val shard's write fails (ENOSPC): exit 2 naming it, and no shard, tokenizer or manifest is left — also
+    not the old dataset's manifest, which no longer matches once its shards are being replaced."""
+    import errno
+
+    from distgpt import storage
+
+    out = tmp_path / "data"
+    assert main(["data", "prepare", TINY, "--out", str(out), "--data.max_bytes=50_000"]) == 0
+    real = storage.write_bytes
+
+    def full(uri: str, data: bytes) -> None:
+        if "val-" in uri:
+            with storage._named("write", uri):  # where pyarrow's own write would raise it
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", full)
+    capsys.readouterr()
+    assert main(["data", "prepare", TINY, "--out", str(out), "--data.max_bytes=60_000"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "val-00000.arrow" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == []
