@@ -67,16 +67,30 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     if job.cluster.plan != "auto" or where != "ray":
         check_plan(job, plan, where)
     if where == "ray":
+        # What the driver needs after the run, loaded now: in a Ray job with a working_dir, Ray deletes that
+        # directory — the driver's cwd, and maybe distgpt's code — once the run's actors are gone.
+        import distgpt.checkpoint.export  # noqa: F401
+        import distgpt.data.chat  # noqa: F401
+        import distgpt.model.generate  # noqa: F401
         from distgpt.orchestrator.driver import run_on_ray
 
         ensure_prepared(job)
         summary = run_on_ray(job, plan, args.address)
+        _keep_a_cwd(summary.result.final_dir if summary.result else "/")
         res, n = summary.result, len(summary.recoveries)
         print(f"trained {res.steps} steps on Ray; {res.tokens_per_s:,.0f} tokens/s; "
               f"{n} recover{'y' if n == 1 else 'ies'}")
         sample(job, res.final_dir)
         return 0
     return _train_local(job, plan)
+
+
+def _keep_a_cwd(fallback: str) -> None:
+    """Move to ``fallback``'s directory if the working directory was deleted under us (see the Ray branch)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(os.path.dirname(fallback) or "/")
 
 
 def _train_local(job, plan) -> int:

@@ -11,6 +11,10 @@ import os
 import socket
 import time
 
+# torch before Ray, always: in a Ray job with a working_dir, a driver that calls ray.init() before torch is first
+# imported dies at its first matmul ("Intel oneMKL FATAL ERROR: Cannot load …/libtorch_cpu.so"; reproduced with
+# `ray job submit --working-dir` and two lines of Python). The driver loads torch later, to write the final sample.
+import torch  # noqa: F401, I001  # isort: skip
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

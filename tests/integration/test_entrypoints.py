@@ -103,3 +103,39 @@ def test_an_address_other_than_the_connected_cluster_is_refused(ray_cluster, tin
     err = capsys.readouterr().err
     assert f"already connected to the Ray cluster at {ray_cluster.cluster.address}, not {other}" in err
     assert not (tmp_path / "final").exists()
+
+
+def test_distgpt_submit_status_logs_list_and_stop(ray_cluster, tiny_data, tmp_path, capsys):
+    """The Jobs SDK path: refused with the reason when it cannot work on a cluster; submitted, followed to success,
+    listed; a second job stopped; an unknown id and an unreachable address are one clear error each."""
+    import re
+    import shutil
+
+    from distgpt.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(TINY, work / "tiny.toml")
+    job = str(work / "tiny.toml")
+    at = ["--address", ray_cluster.jobs_address]
+    ship = ["--allow-local", "--working-dir", str(work), "--python", sys.executable]
+    over = [f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path / 'out'}", *BASE, "--plan.dp=2"]
+    assert main(["submit", job, *at, *over, "--train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.prepared: {tiny_data} — a path on this machine, not on every node" in err and "--allow-local" in err
+    assert main(["submit", job, *at, *ship, *over, "--train.max_steps=3"]) == 0
+    job_id = re.search(r"submitted (\S+)", capsys.readouterr().out).group(1)
+    assert main(["logs", job_id, "--follow", *at]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps on Ray" in out and out.rstrip().endswith(f"{job_id}: SUCCEEDED")
+    assert main(["status", job_id, *at]) == 0 and f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert main(["list", *at]) == 0 and job_id in capsys.readouterr().out
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    assert main(["submit", job, *at, *ship, *over, "--train.max_steps=100000",
+                 f"--run.out_dir={tmp_path / 'long'}"]) == 0
+    long_id = re.search(r"submitted (\S+)", capsys.readouterr().out).group(1)
+    assert main(["stop", long_id, *at]) == 0 and f"{long_id}: STOPPED" in capsys.readouterr().out
+    assert main(["status", "raysubmit_nope", *at]) == 2
+    assert "no job 'raysubmit_nope' on this cluster" in capsys.readouterr().err
+    assert main(["list", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
