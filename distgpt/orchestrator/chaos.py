@@ -90,13 +90,13 @@ def run_chaos(job: JobConfig, n: int, seed: int, log=print) -> ChaosReport:
         except RunFailed as e:
             raise RunFailed(f"chaos drill: the {name} run failed: {e}") from None
     (ref, ref_dir), (hurt, hurt_dir) = runs["reference"], runs["chaos"]
-    a, b = _records(ref_dir), _records(hurt_dir)
+    a, b = step_records(ref_dir), step_records(hurt_dir)
     return ChaosReport(faults, ref, hurt, _same_weights(ref_dir, hurt_dir),
                        sorted(a) == sorted(b) and all(a[s]["loss"] == b[s]["loss"] for s in a),
                        sorted(a) == sorted(b) and all(a[s]["samples"] == b[s]["samples"] for s in a))
 
 
-def _records(out: Path) -> dict[int, dict]:
+def step_records(out: Path) -> dict[int, dict]:
     """The last training record of each step (a step redone after a recovery replaces the lost attempt's)."""
     recs = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():

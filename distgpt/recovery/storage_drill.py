@@ -82,8 +82,8 @@ class _Lines(list):
         pass
 
 
-class _Switch:
-    """Step hooks setting the proxy's mode before given steps."""
+class ModeSwitch:
+    """Step hooks (``train.trainer.StepHooks``) that set a proxy's mode before given steps (``{step: mode}``)."""
 
     def __init__(self, proxy: FaultProxy, at: dict[int, str]):
         self.proxy, self.at = proxy, at
@@ -99,7 +99,7 @@ class _Switch:
 def _act_save(job: JobConfig, proxy: FaultProxy, fault: str, log, trainer_cls) -> Act:
     t0, lines = time.perf_counter(), []
     out = dataclasses.replace(job, run=dataclasses.replace(job.run, out_dir=f"{job.out_dir}/drill-save"))
-    res = trainer_cls(out, log=lines.append, sink=_Lines(), hooks=_Switch(proxy, {2: fault, 4: "pass"})).fit()
+    res = trainer_cls(out, log=lines.append, sink=_Lines(), hooks=ModeSwitch(proxy, {2: fault, 4: "pass"})).fit()
     steps = [c.step for c in CheckpointManager(out.checkpoint_uri).committed()]
     failed = [ln for ln in lines if "FAILED" in ln]
     ok = res.steps == 6 and steps == [2, 6] and bool(failed) and proxy.requests[fault] > 0

@@ -6,7 +6,6 @@ placement groups, torch.distributed across the actors, checkpoints, recovery.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.cli import main
+from distgpt.orchestrator.chaos import step_records as records
 from distgpt.orchestrator.driver import OrchestrationError, run_on_ray
 
 from ..conftest import REPO, moto_s3, tiny_job
@@ -23,16 +23,6 @@ from ..conftest import REPO, moto_s3, tiny_job
 pytestmark = pytest.mark.timeout(600)
 BASE = ["--train.log_interval=1", "--train.eval_interval=0", "--train.eval_batches=1", "--model.dropout=0.0",
         "--sample.max_new_tokens=1", "--checkpoint.async_save=false", "--cluster.start_timeout_s=60"]
-
-
-def records(out: Path) -> dict[int, dict]:
-    """The last training record of each step (steps redone after a recovery overwrite the lost attempt's)."""
-    out_recs = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") is None and "loss" in r:
-            out_recs[r["step"]] = r
-    return out_recs
 
 
 def train(tiny_data: str, out: Path, *overrides: str) -> dict:

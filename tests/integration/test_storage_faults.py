@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from distgpt.checkpoint.manager import CheckpointManager
+from distgpt.recovery.storage_drill import ModeSwitch
 from distgpt.recovery.storage_faults import FaultProxy
 from distgpt.train.trainer import Trainer
 
@@ -21,20 +22,6 @@ def store():
     """(proxy, URI template) — the URI reaches moto only through the proxy."""
     with moto_s3("faults") as (port, _), FaultProxy(("127.0.0.1", port), delay_s=0.05) as proxy:
         yield proxy, f"s3://faults/{{}}?endpoint_override={proxy.endpoint}&scheme=http"
-
-
-class _Switch:
-    """Step hooks that set the proxy's mode before given steps (``{step: mode}``)."""
-
-    def __init__(self, proxy: FaultProxy, at: dict[int, str]):
-        self.proxy, self.at = proxy, at
-
-    def before_step(self, step: int) -> None:
-        if step in self.at:
-            self.proxy.set(self.at[step])
-
-    def checkpoint_due(self, step: int) -> bool:
-        return False
 
 
 def _trainer(tiny_data, tmp_path, root, *over, hooks=None, logs=None):
@@ -54,7 +41,7 @@ def test_a_failed_save_fails_the_save_not_the_run(store, tiny_data, tmp_path, ca
     at = {2: mode, 4: "pass"} if saving == "blocking" else {0: mode}
     seen = dict(proxy.requests)
     how = f"--checkpoint.async_save={str(saving == 'async').lower()}"
-    t = _trainer(tiny_data, tmp_path, root, "--train.max_steps=6", how, hooks=_Switch(proxy, at), logs=logs)
+    t = _trainer(tiny_data, tmp_path, root, "--train.max_steps=6", how, hooks=ModeSwitch(proxy, at), logs=logs)
     res = t.fit()
     proxy.set("pass")
     assert res.steps == 6 and len(res.losses) == 6  # the run finished
