@@ -34,6 +34,10 @@ INSTANCE_TYPES: dict[str, tuple[str, int, float]] = {
 }
 
 
+LABEL_DEVICE = "distgpt.io/device"
+"""The node label naming a node's device type (the orchestrator's inventory reads the same labels)."""
+
+
 class InventoryError(DistgptError, ValueError):
     """An inventory that cannot be used; the message names the entry and the fix."""
 
@@ -158,17 +162,22 @@ def inventory_from_ray_yaml(data: dict[str, Any], source: str = "cluster yaml") 
         where = f"{source}: available_node_types.{name}"
         nt = _table(nt, where)
         try:
-            dev, count, net = _node_devices(_table(nt.get("node_config"), f"{where}.node_config"),
-                                            _table(nt.get("resources"), f"{where}.resources"))
+            resources = _table(nt.get("resources"), f"{where}.resources")
+            labels = _table(nt.get("labels"), f"{where}.labels")
+            dev, count, net = _node_devices(_table(nt.get("node_config"), f"{where}.node_config"), resources)
+            if labels.get(LABEL_DEVICE):  # distgpt's own labels win over the instance-type table
+                dev, count = labels[LABEL_DEVICE], int(resources.get("GPU", count) or count)
             n = int(nt.get("max_workers", nt.get("min_workers", 0)))
-            if dev and count and n:
-                groups.append(NodeGroup(name, device_type(dev), count, n, site, network_bw=net * 1e9))
+            if dev and dev != "cpu" and count and n and labels.get("distgpt.io/slots") != "0":
+                groups.append(NodeGroup(name, device_type(dev), count, n, str(labels.get("distgpt.io/site", site)),
+                                        price_per_hour=float(labels.get("distgpt.io/price", 0.0)),
+                                        spot=labels.get("distgpt.io/spot") == "true", network_bw=net * 1e9))
         except (TypeError, ValueError) as e:
             raise InventoryError(f"{where}: {e}") from None
         except KeyError as e:
             raise InventoryError(f"{where}: {e.args[0]}") from None
     if provider.get("type") == "local":
-        ips = provider.get("worker_ips", []) + [provider.get("head_ip")]
+        ips = provider.get("worker_ips") or []  # the head runs Ray's services and the driver, not training
         dev, count = _local_devices(" ".join(data.get("worker_start_ray_commands", [])))
         if dev:
             groups.append(NodeGroup("local", device_type(dev), count, len([i for i in ips if i]), "onprem"))

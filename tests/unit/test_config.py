@@ -14,7 +14,7 @@ from distgpt.config_schema import ConfigError
 from ..conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["tiny.toml", "demo.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "jobs").glob("*.toml")))
 def test_shipped_jobs_load(name):
     job = load_job(REPO / "jobs" / name)
     assert job.train.max_steps > 0 and job.data.sources

@@ -148,8 +148,8 @@ def test_profile_round_trip_and_use(tmp_path):
 
 
 def test_inventory_from_ray_cluster_yaml_and_errors(tmp_path):
-    cluster = load_inventory(REPO / "cluster" / "aws-hetero.yaml")
-    assert cluster.by_type() == {"H100-SXM": 16, "A100-40GB": 32}
+    cluster = load_inventory(REPO / "cluster" / "aws.yaml")  # the head (slots 0) is no training capacity
+    assert cluster.by_type() == {"H100-SXM": 16, "A100-40GB": 16, "L4": 16}
     assert load_inventory(REPO / "cluster" / "inventory-hetero.toml").by_type() == {"H100-SXM": 16, "V100": 32}
     (tmp_path / "bad.toml").write_text('[[nodes]]\ndevice = "Z80"\ncount = 1\n')
     with pytest.raises(InventoryError, match="unknown device type 'Z80'"):
