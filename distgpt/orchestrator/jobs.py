@@ -180,6 +180,8 @@ def list_jobs(address: str) -> list[JobRow]:
 
 
 def _row(info) -> JobRow:
-    return JobRow(info.submission_id or info.job_id or "?", str(info.status.value if hasattr(info.status, "value")
-                  else info.status), redact(info.entrypoint or ""), (info.start_time or 0) / 1000 or None,
+    """A JobRow from the SDK's JobDetails (its status an enum, its start time in milliseconds)."""
+    status = getattr(info.status, "value", info.status)
+    started = info.start_time / 1000 if info.start_time else None
+    return JobRow(info.submission_id or info.job_id or "?", str(status), redact(info.entrypoint or ""), started,
                   redact(info.message or ""))

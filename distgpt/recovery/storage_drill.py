@@ -38,8 +38,8 @@ class Act:
     seconds: float
 
 
-def _via_proxy(uri: str) -> tuple[str, tuple[str, int], Callable[[str], str]]:
-    """(the endpoint, its (host, port), a function giving the same URI through a proxy at another endpoint)."""
+def _via_proxy(uri: str) -> tuple[tuple[str, int], Callable[[str], str]]:
+    """(the endpoint's (host, port), a function giving the same URI through a proxy at another endpoint)."""
     parts = urlsplit(uri)
     query = dict(parse_qsl(parts.query))
     endpoint = query.get("endpoint_override", "")
@@ -53,27 +53,25 @@ def _via_proxy(uri: str) -> tuple[str, tuple[str, int], Callable[[str], str]]:
         q = urlencode({**query, "endpoint_override": proxy_endpoint}, safe=":/")
         return urlunsplit((parts.scheme, parts.netloc, parts.path, q, parts.fragment))
 
-    return endpoint, (host, int(port)), through
+    return (host, int(port)), through
 
 
 def run_storage_drill(job: JobConfig, log: Callable[[str], None] = print, fault: str = "error") -> list[Act]:
     """Both acts against ``job``'s checkpoint store (each under its own sub-path); returns what happened."""
-    from distgpt.train.trainer import Trainer
-
-    _, upstream, through = _via_proxy(job.checkpoint_uri)
+    upstream, through = _via_proxy(job.checkpoint_uri)
     acts: list[Act] = []
     with FaultProxy(upstream) as proxy:
         root = storage.join(through(proxy.endpoint), f"drill-{int(time.time())}")
         base = dataclasses.replace(job, checkpoint=dataclasses.replace(
             job.checkpoint, uri=root, interval=2, async_save=False, resume="auto"),
             train=dataclasses.replace(job.train, max_steps=6, eval_interval=0, progress=False))
-        acts.append(_act_save(base, proxy, fault, log, Trainer))
-        acts.append(_act_outage(base, proxy, log, Trainer))
+        acts.append(_act_save(base, proxy, fault, log))
+        acts.append(_act_outage(base, proxy, log))
     return acts
 
 
-class _Lines(list):
-    """A metrics sink that keeps nothing: with a sink the trainer sends its messages to ``log`` (not a bar)."""
+class _NoMetrics:
+    """A metrics sink that keeps nothing: given a sink, the trainer sends its messages to ``log`` (not a bar)."""
 
     def write(self, record: dict) -> None:
         pass
@@ -96,10 +94,12 @@ class ModeSwitch:
         return False
 
 
-def _act_save(job: JobConfig, proxy: FaultProxy, fault: str, log, trainer_cls) -> Act:
+def _act_save(job: JobConfig, proxy: FaultProxy, fault: str, log) -> Act:
+    from distgpt.train.trainer import Trainer
+
     t0, lines = time.perf_counter(), []
     out = dataclasses.replace(job, run=dataclasses.replace(job.run, out_dir=f"{job.out_dir}/drill-save"))
-    res = trainer_cls(out, log=lines.append, sink=_Lines(), hooks=ModeSwitch(proxy, {2: fault, 4: "pass"})).fit()
+    res = Trainer(out, log=lines.append, sink=_NoMetrics(), hooks=ModeSwitch(proxy, {2: fault, 4: "pass"})).fit()
     steps = [c.step for c in CheckpointManager(out.checkpoint_uri).committed()]
     failed = [ln for ln in lines if "FAILED" in ln]
     ok = res.steps == 6 and steps == [2, 6] and bool(failed) and proxy.requests[fault] > 0
@@ -110,7 +110,9 @@ def _act_save(job: JobConfig, proxy: FaultProxy, fault: str, log, trainer_cls) -
     return Act("save under faults", ok, detail, time.perf_counter() - t0)
 
 
-def _act_outage(job: JobConfig, proxy: FaultProxy, log, trainer_cls) -> Act:
+def _act_outage(job: JobConfig, proxy: FaultProxy, log) -> Act:
+    from distgpt.train.trainer import Trainer
+
     t0, lines = time.perf_counter(), []
     out = dataclasses.replace(job, run=dataclasses.replace(job.run, out_dir=f"{job.out_dir}/drill-save"),
                               train=dataclasses.replace(job.train, max_steps=8))
@@ -124,7 +126,7 @@ def _act_outage(job: JobConfig, proxy: FaultProxy, log, trainer_cls) -> Act:
             back.append(time.perf_counter())
             threading.Timer(1.0, proxy.set, args=("pass",)).start()
 
-    trainer = trainer_cls(out, log=say, sink=_Lines())
+    trainer = Trainer(out, log=say, sink=_NoMetrics())
     resumed, waited = trainer.step, [ln for ln in lines if "unreachable" in ln]
     res = trainer.fit()
     ok = bool(waited) and resumed == 6 and res.steps == 8
