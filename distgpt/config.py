@@ -211,6 +211,18 @@ class ClusterSection:
     """Logical CPUs of the embedded local cluster (0: this machine's core count)."""
     inject: list[str] = field(default_factory=list)
     """Fault injection for drills and tests: 'kill@STEP:RANK', 'hang@STEP:RANK', 'preempt@STEP:RANK'."""
+    node_types: str = "auto"
+    """The autoscaler's node types: a cluster-launcher YAML or KubeRay RayCluster manifest. With them, the plan is
+    made for the cluster those types can grow to (``cluster.plan = "auto"``), checked to fit them before anything is
+    reserved, and its placement groups ask for their device types even before such a node exists. 'auto': the
+    launcher's ``~/ray_bootstrap_config.yaml`` when the driver runs on a launched head; 'none': only the nodes up."""
+    grow: Literal["ignore", "replan"] = "ignore"
+    """Nodes that join during a run: 'replan' re-plans onto the larger cluster at the next checkpoint when the
+    planner predicts a faster plan there (with ``cluster.plan = "auto"``); 'ignore' keeps the running plan."""
+    grow_check_s: float = 10.0
+    """How often the controller looks for joined nodes (with grow = 'replan')."""
+    grow_min_gain: float = 0.1
+    """Re-plan on growth only if the planner predicts at least this much more throughput (0.1: 10 %)."""
 
 
 @dataclass
@@ -386,6 +398,8 @@ def _cluster_problems(c: ClusterSection) -> list[str]:
     p = []
     if c.max_failures < 0 or c.hang_timeout_s <= 0 or c.start_timeout_s <= 0 or c.cpus_per_worker <= 0:
         p.append("cluster: need max_failures ≥ 0 and positive hang_timeout_s, start_timeout_s, cpus_per_worker")
+    if c.grow_check_s <= 0 or c.grow_min_gain < 0:
+        p.append("cluster: need grow_check_s > 0 and grow_min_gain ≥ 0")
     try:
         parse_faults(c.inject)
     except FaultError as e:

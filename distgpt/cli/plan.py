@@ -42,12 +42,32 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> int:
               f"{' | measured profile' if devices else ' | catalog peaks (no profile)'}")
         if res.ranked:
             print(table(res, args.top) + "\n\n" + explain(res.ranked[0], inv, w, res.ranked[1:]))
+            line = _autoscaler_demand(args.inventory, res.ranked[0].plan, job.cluster.cpus_per_worker)
+            if line:
+                print(line)
         else:
             print(nothing_fits(res, inv, w))
     if res.ranked and args.save:
         with open(args.save, "w") as f:
             f.write(res.ranked[0].plan.to_json())
     return 0 if res.ranked else NOTHING_FITS
+
+
+def _autoscaler_demand(path: str, plan, cpus_per_worker: float) -> str:
+    """For a cluster config (launcher YAML or RayCluster): the nodes of each type the plan makes the autoscaler
+    start, and their price per hour ('' for a plain inventory file, which has no node types)."""
+    from distgpt.planner.capacity import demand, fit, group_specs, kinds_of
+    from distgpt.planner.inventory import InventoryError
+    from distgpt.planner.node_types import load_node_types
+
+    try:
+        types = load_node_types(path)
+    except InventoryError:
+        return ""
+    fitted = fit(group_specs(plan, kinds_of(types), cpus_per_worker), types)
+    if not fitted.ok:
+        return "- The autoscaler could not host it: " + "; ".join(fitted.problems)
+    return f"- The autoscaler will start {demand(fitted, types)} (`distgpt cluster check {path} --job JOB`)."
 
 
 def _as_json(c) -> dict:

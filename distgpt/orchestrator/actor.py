@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from distgpt.config import JobConfig
+from distgpt.orchestrator.autoscale import NodeTypes
 from distgpt.orchestrator.controller import Controller, StartError
 from distgpt.orchestrator.inventory import ray_nodes
 from distgpt.orchestrator.placement import PlacementTimeout
-from distgpt.orchestrator.planning import plan_for
+from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import Event, Placement, PlacementEvent, RecoveryReport, RunSummary
 from distgpt.orchestrator.worker_group import WorkerGroup
 from distgpt.planner.plan import Plan
@@ -18,13 +19,13 @@ from distgpt.recovery.watchdog import Watchdog
 class ControllerActor:
     """Runs one job's Controller; the driver calls ``run`` once and ``events`` repeatedly (a threaded actor)."""
 
-    def __init__(self, job: JobConfig, plan: Plan, name: str):
+    def __init__(self, job: JobConfig, plan: Plan, name: str, types: NodeTypes | None = None):
         c = job.cluster
-        self.job, self.name, self.attempt = job, name, 0
+        self.job, self.name, self.attempt, self.types = job, name, 0, types or NodeTypes()
         self.placements: list[Placement] = []
         self.ctrl = Controller(
             make_group=self._make_group,
-            replan=lambda excluded: plan_for(job, ray_nodes(c.cpus_per_worker, excluded)),
+            replan=self._replan,
             plan=plan,
             policy=FailurePolicy(c.max_failures),
             watchdog=Watchdog(c.hang_timeout_s, c.start_timeout_s + c.hang_timeout_s),
@@ -32,11 +33,19 @@ class ControllerActor:
             committed_step=self._committed_step,
         )
 
+    def _replan(self, excluded: frozenset[str]) -> Plan:
+        """The planner on what is left — or, on an autoscaling cluster, on what its node types can still build
+        (the autoscaler replaces a lost node; the excluded ids stay out of the placement groups)."""
+        if self.types.path:
+            return best_on(self.job, self.types.inventory()).plan
+        return plan_for(self.job, ray_nodes(self.job.cluster.cpus_per_worker, excluded))
+
     def _make_group(self, plan: Plan) -> WorkerGroup:
         self.attempt += 1
         nodes = ray_nodes(self.job.cluster.cpus_per_worker, self.ctrl.excluded)
         try:
-            group = WorkerGroup.create(self.job, plan, nodes, f"{self.name}-a{self.attempt}", self.ctrl.excluded)
+            group = WorkerGroup.create(self.job, plan, nodes, f"{self.name}-a{self.attempt}", self.ctrl.excluded,
+                                       self.types.kinds(nodes))
         except PlacementTimeout as e:
             raise StartError(str(e)) from None
         where = {}

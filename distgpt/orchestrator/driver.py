@@ -21,9 +21,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from distgpt.config import JobConfig
 from distgpt.errors import RunFailed
 from distgpt.orchestrator.actor import ControllerActor
+from distgpt.orchestrator.autoscale import NodeTypes, node_types
 from distgpt.orchestrator.credentials import split_credentials
 from distgpt.orchestrator.inventory import ray_nodes, to_inventory
-from distgpt.orchestrator.planning import plan_for
+from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
     Event,
     LogEvent,
@@ -98,21 +99,30 @@ def _absolute(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, run=run, data=data, checkpoint=ckpt, train=train, init=init)
 
 
-def choose_plan(job: JobConfig, plan: Plan | None, log=print) -> Plan:
-    """The Plan to start with: --plan, the planner's ('auto'), or the job's [plan]."""
+def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) -> Plan:
+    """The Plan to start with: --plan, the planner's ('auto'), or the job's [plan]. With the autoscaler's node types
+    the planner plans for the cluster they can grow to, and a Plan they cannot host is refused here, at once."""
     nodes = ray_nodes(job.cluster.cpus_per_worker)
-    log(f"cluster: {to_inventory(nodes).summary()} on {len(nodes)} nodes")
+    up = f"{to_inventory(nodes).summary()} on {len(nodes)} nodes" if nodes else "no worker node up yet"
+    if types.path:
+        log(f"cluster: {up}; the autoscaler can grow it to {types.inventory().summary()} (node types: {types.path})")
+    else:
+        log(f"cluster: {to_inventory(nodes).summary()} on {len(nodes)} nodes")
     if plan is None and job.cluster.plan == "auto":
-        plan = plan_for(job, nodes)
+        plan = best_on(job, types.inventory()).plan if types.path else plan_for(job, nodes)
         log(f"planner chose: {plan.describe()}")
-    return plan or job.plan
+    plan = plan or job.plan
+    if types.path:
+        log(f"autoscaler: the plan needs {types.demand(job, plan)}")
+    return plan
 
 
 def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
     job, secrets = split_credentials(_absolute(job))  # credentials reach the workers as environment only
-    plan = choose_plan(job, plan, log)
+    types = node_types(job.cluster.node_types)
+    plan = choose_plan(job, plan, types, log)
     if not job.checkpoint.interval:
         log("note: checkpoint.interval is 0 — a failure restarts training from step 0")
     name = f"distgpt-{job.run.name}-{os.getpid()}-{int(time.time())}"
@@ -120,7 +130,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     actor = ray.remote(ControllerActor).options(
         num_cpus=0, max_concurrency=4, name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         runtime_env={"env_vars": secrets} if secrets else None,  # the worker actors inherit it
-    ).remote(job, plan, name)
+    ).remote(job, plan, name, types)
     done = actor.run.remote()
     try:
         summary = _stream(actor, done, job, log)

@@ -85,7 +85,3 @@ def to_inventory(nodes: list[RayNode]) -> Inventory:
         for (dev, slots, site, price, spot), replicas in sorted(groups.items())
     ))
 
-
-def selectors(nodes: list[RayNode]) -> dict[str, tuple[str, str]]:
-    """Device type → the label selector that places a bundle on a node of that type."""
-    return {n.device: n.selector for n in nodes}

@@ -8,59 +8,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from distgpt.orchestrator.inventory import RayNode, selectors
+from distgpt.orchestrator.inventory import RayNode
+from distgpt.planner import capacity
+from distgpt.planner.capacity import GroupSpec, Kind
 from distgpt.planner.plan import Plan
-
-NODE_ID_LABEL = "ray.io/node-id"
 
 
 class PlacementTimeout(RuntimeError):
     """The cluster could not host the Plan within the start timeout; the message says what is missing."""
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    """One placement group: the ranks it hosts (bundle i ↔ ranks[i]), their device type and bundle shape."""
-
-    ranks: tuple[int, ...]
-    device: str | None
-    bundle: dict[str, float]
-    selector: dict[str, str]
-
-
-def group_specs(plan: Plan, nodes: list[RayNode], cpus_per_worker: float,
-                exclude: frozenset[str] = frozenset()) -> list[GroupSpec]:
-    """The placement groups that host ``plan`` on a cluster made of ``nodes``, avoiding the ``exclude`` node ids
-    (preempted or drained ones) — pure: no Ray calls."""
-    sel = selectors(nodes)
-    kinds = sorted(sel)
-    gpus = {n.device for n in nodes if n.gpus}
-    specs = []
-    for pp in range(plan.pp):
-        for dp in range(plan.dp):
-            device = _device_of(plan, pp, dp, kinds)
-            key, value = sel.get(device, ("", "")) if device else ("", "")
-            bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if device in gpus else {})}
-            ranks = tuple(plan.rank_of(dp=dp, tp=t, pp=pp) for t in range(plan.tp))
-            selector = {key: value} if key else {}
-            if exclude:
-                selector[NODE_ID_LABEL] = f"!in({','.join(sorted(exclude))})"
-            specs.append(GroupSpec(ranks, device, bundle, selector))
-    return specs
-
-
-def _device_of(plan: Plan, pp: int, dp: int, kinds: list[str]) -> str | None:
-    """The device type the Plan gives (stage pp, replica dp); the only one when the cluster has one type."""
-    if plan.stage_devices:
-        return plan.stage_devices[pp]
-    if plan.replica_devices:
-        return plan.replica_devices[dp]
-    return kinds[0] if len(kinds) == 1 else None
+def group_specs(plan: Plan, nodes: list[RayNode], cpus_per_worker: float, exclude: frozenset[str] = frozenset(),
+                kinds: dict[str, Kind] | None = None) -> list[GroupSpec]:
+    """The placement groups that host ``plan`` on the nodes that are up now, or on the device ``kinds`` given
+    (the autoscaler's node types, which may have no node yet) — pure: no Ray calls."""
+    if kinds is None:
+        kinds = {n.device: Kind(n.selector, n.gpus > 0) for n in nodes}
+    return capacity.group_specs(plan, kinds, cpus_per_worker, exclude)
 
 
 def reserve(specs: list[GroupSpec], nodes: list[RayNode], timeout_s: float, name: str) -> list[PlacementGroup]:

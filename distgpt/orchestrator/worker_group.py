@@ -18,6 +18,7 @@ from distgpt.orchestrator.inventory import RayNode
 from distgpt.orchestrator.placement import group_specs, reserve
 from distgpt.orchestrator.status import GroupStatus, RankStatus
 from distgpt.orchestrator.worker import TrainWorker
+from distgpt.planner.capacity import Kind
 from distgpt.planner.plan import Plan
 from distgpt.recovery.policy import Failure, FailureKind
 
@@ -33,10 +34,11 @@ class WorkerGroup:
 
     @classmethod
     def create(cls, job: JobConfig, plan: Plan, nodes: list[RayNode], name: str,
-               exclude: frozenset[str] = frozenset()) -> WorkerGroup:
-        """Reserve placement, start one actor per rank (ranks in the Plan's order) and begin training."""
+               exclude: frozenset[str] = frozenset(), kinds: dict[str, Kind] | None = None) -> WorkerGroup:
+        """Reserve placement, start one actor per rank (ranks in the Plan's order) and begin training. ``kinds``:
+        how to place each device type (the autoscaler's node types too); default: the nodes that are up."""
         c = job.cluster
-        specs = group_specs(plan, nodes, c.cpus_per_worker, exclude)
+        specs = group_specs(plan, nodes, c.cpus_per_worker, exclude, kinds)
         pgs = reserve(specs, nodes, c.start_timeout_s, name)
         actors: list = [None] * plan.world_size
         remote = ray.remote(TrainWorker)

@@ -55,9 +55,14 @@ class Evaluator:
 
     def __init__(self, w: Workload, inv: Inventory, devices: dict[str, DeviceModel]):
         self.w, self.inv, self.devices = w, inv, devices
+        self._models: dict[str, DeviceModel] = {}  # one per device type: built ~70k times per search otherwise
 
     def dev(self, g: NodeGroup) -> DeviceModel:
-        return self.devices.get(g.device.name) or DeviceModel(g.device)
+        name = g.device.name
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = self.devices.get(name) or DeviceModel(g.device)
+        return model
 
     def stage_time(self, lay: Layout, stages: tuple[NodeGroup, ...], j: int, m: int, rc: bool,
                    keys: tuple[str, ...] = ()) -> float:
@@ -187,7 +192,9 @@ class Evaluator:
         plan = Plan(
             dp=len(shares), tp=lay.tp, pp=lay.pp, stage_layers=lay.stage_layers if lay.pp > 1 else (),
             stage_devices=tuple(g.device.name for g in lay.kinds[0][0]) if lay.family == "hetero-pipeline" else (),
-            replica_devices=replica_devices if lay.family == "replicas" and len(set(replica_devices)) > 1 else (),
+            # Named whenever the inventory has several types, so placement puts each replica where it was planned
+            # (a homogeneous L4 plan on a cluster that also has H100s must not land on whatever node is free).
+            replica_devices=replica_devices if lay.family == "replicas" and len(self.inv.by_type()) > 1 else (),
             micro_batch_size=m, batch_shares=tuple(shares) if len(set(shares)) > 1 else (),
             dp_engine=engine, zero_stage=zero, recompute=rc, dtype=w.dtype, schedule="1f1b",
         )

@@ -131,11 +131,15 @@ def _load_mapping(path: Path) -> dict[str, Any]:
 
 
 def load_inventory(path: str | Path) -> Inventory:
-    """An inventory file, or a Ray cluster-launcher YAML (recognised by its 'provider' key)."""
+    """An inventory file, a Ray cluster-launcher YAML (its 'provider' key) or a KubeRay RayCluster / RayJob."""
     p = Path(path)
     if not p.is_file():
         raise InventoryError(f"{p}: no such inventory file")
     data = _load_mapping(p)
+    if data.get("kind") in ("RayCluster", "RayJob"):
+        from distgpt.planner.node_types import inventory_from_node_types, node_types
+
+        return inventory_from_node_types(node_types(data, str(p)), str(p))
     if "provider" in data:
         return inventory_from_ray_yaml(data, str(p))
     return inventory_from_dict(data, str(p))
@@ -166,7 +170,8 @@ def inventory_from_ray_yaml(data: dict[str, Any], source: str = "cluster yaml") 
             labels = _table(nt.get("labels"), f"{where}.labels")
             dev, count, net = _node_devices(_table(nt.get("node_config"), f"{where}.node_config"), resources)
             if labels.get(LABEL_DEVICE):  # distgpt's own labels win over the instance-type table
-                dev, count = labels[LABEL_DEVICE], int(resources.get("GPU", count) or count)
+                dev = labels[LABEL_DEVICE]
+                count = int(labels.get("distgpt.io/slots") or resources.get("GPU", count) or count)
             n = int(nt.get("max_workers", nt.get("min_workers", 0)))
             if dev and dev != "cpu" and count and n and labels.get("distgpt.io/slots") != "0":
                 groups.append(NodeGroup(name, device_type(dev), count, n, str(labels.get("distgpt.io/site", site)),
