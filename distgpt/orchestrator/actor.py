@@ -5,10 +5,18 @@ from __future__ import annotations
 from distgpt.config import JobConfig
 from distgpt.orchestrator.autoscale import NodeTypes
 from distgpt.orchestrator.controller import Controller, StartError
-from distgpt.orchestrator.inventory import ray_nodes
+from distgpt.orchestrator.growth import Growth, GrowthWatch
+from distgpt.orchestrator.inventory import ray_nodes, to_inventory
 from distgpt.orchestrator.placement import PlacementTimeout
 from distgpt.orchestrator.planning import best_on, plan_for
-from distgpt.orchestrator.status import Event, Placement, PlacementEvent, RecoveryReport, RunSummary
+from distgpt.orchestrator.status import (
+    Event,
+    GrowthEvent,
+    Placement,
+    PlacementEvent,
+    RecoveryReport,
+    RunSummary,
+)
 from distgpt.orchestrator.worker_group import WorkerGroup
 from distgpt.planner.plan import Plan
 from distgpt.recovery.faults import parse_faults
@@ -32,13 +40,43 @@ class ControllerActor:
             faults=parse_faults(c.inject),
             committed_step=self._committed_step,
         )
+        self._known = ray_nodes(c.cpus_per_worker)  # the cluster the first Plan was made for
+        self._baseline: float | None = None  # the planner's tokens/s for the running Plan on self._known
+        if c.grow == "replan":
+            self.ctrl.growth = GrowthWatch(self._probe_growth, c.grow_check_s)
 
     def _replan(self, excluded: frozenset[str]) -> Plan:
         """The planner on what is left — or, on an autoscaling cluster, on what its node types can still build
         (the autoscaler replaces a lost node; the excluded ids stay out of the placement groups)."""
+        self._baseline = None  # the next growth compares with the plan made now
         if self.types.path:
             return best_on(self.job, self.types.inventory()).plan
         return plan_for(self.job, ray_nodes(self.job.cluster.cpus_per_worker, excluded))
+
+    def _probe_growth(self) -> Growth | None:
+        """Joined nodes → the planner's best Plan on the grown cluster, if it predicts ≥ grow_min_gain more
+        tokens/s than the running one; None while no node joined."""
+        c = self.job.cluster
+        nodes = ray_nodes(c.cpus_per_worker, self.ctrl.excluded)
+        joined = [n for n in nodes if n.node_id not in {k.node_id for k in self._known}]
+        if not joined:
+            self._known = nodes  # a node may also have gone (failures handle that): compare with what is up
+            return None
+        before, self._known = self._known, nodes
+        if self.types.path:
+            return None  # the autoscaler started these for this run's own plan, made for all it can start
+        what = ", ".join(sorted(f"{n.device} ×{n.slots}" for n in joined))
+        if c.plan != "auto":
+            return Growth(None, f"{len(joined)} node(s) joined ({what}); kept: cluster.plan = 'job' fixes the plan")
+        if self._baseline is None:
+            self._baseline = best_on(self.job, to_inventory(before)).tokens_per_s if before else 0.0
+        best = best_on(self.job, to_inventory(nodes))
+        gain = best.tokens_per_s / self._baseline - 1 if self._baseline else float("inf")
+        detail = f"{len(joined)} node(s) joined ({what}); planner: {gain:+.0%} tokens/s with {best.plan.describe()}"
+        if best.plan == self.ctrl.plan or gain < c.grow_min_gain:
+            return Growth(None, f"{detail} — kept (below cluster.grow_min_gain = {c.grow_min_gain:.0%})")
+        self._baseline = best.tokens_per_s
+        return Growth(best.plan, detail)
 
     def _make_group(self, plan: Plan) -> WorkerGroup:
         self.attempt += 1
@@ -85,5 +123,6 @@ class ControllerActor:
         recoveries = [RecoveryReport(r.failure.kind.value, r.failure.detail, r.failure.step, r.decision.value,
                                      r.plan_after, (r.resumed_at - r.detected_at) if r.resumed_at else None)
                       for r in c.recoveries]
+        growths = [e for e in c.events if isinstance(e, GrowthEvent) and e.stage in ("replanned", "measured")]
         return RunSummary(state or c.state.value, c.error, c.result, c.plan.to_json() if c.plan else None,
-                          list(self.placements), recoveries)
+                          list(self.placements), recoveries, growths)

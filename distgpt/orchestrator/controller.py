@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distgpt.orchestrator.drills import ControllerDrills, Notice
+from distgpt.orchestrator.growth import GrowthWatch
 from distgpt.orchestrator.status import (
     Event,
     GroupStatus,
+    GrowthEvent,
     LogEvent,
     RecordEvent,
     RecoveryEvent,
@@ -95,6 +97,8 @@ class Controller:
     result: dict | None = None
     error: str = ""
     excluded: frozenset[str] = frozenset()
+    growth: GrowthWatch = field(default_factory=GrowthWatch)
+    """Elastic growth: its probe says when joined nodes make a better Plan (default: never)."""
     _failure: Failure | None = None
     _recorded: set[tuple[Any, Any]] = field(default_factory=set)  # (kind, step) of every record emitted
     _preempt: Notice | None = None  # a pending preemption notice
@@ -164,11 +168,15 @@ class Controller:
             self.result = st.result
             self.group.shutdown()  # free the slots for whatever runs next
             self.group = None
+            if (measured := self.growth.measured()) is not None:
+                self.emit(measured)
             self._to(State.FINISHED, f"{st.step} steps")
         elif (waited := self.watchdog.expired()) is not None:
             self._fail(Failure(FailureKind.HANG, f"no step completed for {waited:.0f} s (watchdog)", st.step or 0))
         else:
             self._check_preemption()
+            if self.state == State.RUNNING and self._preempt is None:
+                self._check_growth(st.step or 0)
 
     def _record(self, r: dict) -> None:
         """Pass a metric record on. A resumed rank 0 replays the records its checkpoint carried (the lost attempt
@@ -179,6 +187,34 @@ class Controller:
             return
         self._recorded.add(key)
         self.emit(RecordEvent(r))
+        if (measured := self.growth.record(r, self.clock())) is not None:
+            self.emit(measured)
+
+    def _check_growth(self, step: int) -> None:
+        """Nodes joined and the planner knows a better Plan: ask for a checkpoint two steps ahead, and once it is
+        committed restart on the new Plan (it resumes from that checkpoint, resharded). Not a failure: it does not
+        count against cluster.max_failures."""
+        assert self.group is not None and self.plan is not None
+        w, current = self.growth, self.plan.describe()
+        if w.pending is None:
+            g = w.check(self.clock())
+            if g is not None and g.plan is None:
+                self.emit(GrowthEvent("kept", step, current, current, g.detail))
+            elif g is not None and g.plan is not None:
+                w.pending = (step + 2, g)
+                self.group.checkpoint_at(step + 2)
+                self.emit(GrowthEvent("detected", step, current, g.plan.describe(), g.detail))
+            return
+        at, g = w.pending
+        if self.committed_step() < at or g.plan is None:
+            return
+        w.pending = None
+        self.group.shutdown()
+        self.group = None
+        self.plan = g.plan
+        self.emit(GrowthEvent("replanned", at, current, g.plan.describe(), g.detail, w.before()))
+        w.replanned(self.events[-1], self.clock())
+        self._to(State.SCHEDULING, f"grow: {g.plan.describe()}")
 
     def preempt(self, rank: int, step: int) -> None:
         """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the

@@ -27,6 +27,7 @@ from distgpt.orchestrator.inventory import ray_nodes, to_inventory
 from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
     Event,
+    GrowthEvent,
     LogEvent,
     PlacementEvent,
     RecordEvent,
@@ -179,6 +180,15 @@ def _show(e: Event, sink: MetricsSink, bar) -> None:
             bar.write(f"[recovery] {e.cause} at step {e.step} ({e.detail.splitlines()[0]}) → {e.decision}; "
                       f"plan {e.plan}")
             sink.write({"step": e.step, "kind": "recovery", "cause": e.cause, "decision": e.decision, "plan": e.plan})
+        case GrowthEvent():
+            figures = (f"; {e.tokens_per_s_before:,.0f} → {e.tokens_per_s_after:,.0f} tokens/s, first step "
+                       f"{e.seconds:.1f} s after the re-plan" if e.stage == "measured" else
+                       f"; {e.tokens_per_s_before:,.0f} tokens/s before" if e.stage == "replanned" else "")
+            bar.write(f"[growth] {e.stage} at step {e.step}: {e.detail}{figures}")
+            if e.stage in ("replanned", "measured"):
+                sink.write({"step": e.step, "kind": "growth", "stage": e.stage, "plan_before": e.plan_before,
+                            "plan_after": e.plan_after, "tokens_per_s_before": e.tokens_per_s_before,
+                            "tokens_per_s_after": e.tokens_per_s_after, "replan_s": e.seconds})
         case ResumedEvent():
             bar.write(f"[recovery] resumed: step {e.step} completed {e.seconds:.1f} s after the failure")
             sink.write({"step": e.step, "kind": "resumed", "recovery_s": e.seconds})

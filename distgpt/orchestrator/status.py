@@ -136,6 +136,23 @@ class ResumedEvent(Event):
 
 
 @dataclass(frozen=True)
+class GrowthEvent(Event):
+    """Nodes joined during the run. ``stage``: 'detected' (a checkpoint is requested), 'replanned' (the run
+    restarts on ``plan_after``), 'measured' (tokens/s on the new plan; ``seconds``: from the re-plan to its first
+    step), or 'kept' (the planner sees no gain worth a restart, or the job fixes its plan)."""
+
+    kind: ClassVar[str] = "growth"
+    stage: str
+    step: int
+    plan_before: str
+    plan_after: str
+    detail: str = ""
+    tokens_per_s_before: float = 0.0
+    tokens_per_s_after: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class Placement(Readable):
     """Where one attempt ran: its Plan (JSON) and rank → node id."""
 
@@ -167,3 +184,5 @@ class RunSummary(Readable):
     plan: str | None
     placements: list[Placement]
     recoveries: list[RecoveryReport]
+    growths: list[GrowthEvent] = field(default_factory=list)
+    """Every growth re-plan, as measured (stage 'measured', or 'replanned' if the run ended before a measurement)."""

@@ -6,6 +6,7 @@ placement groups, torch.distributed across the actors, checkpoints, recovery.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.cli import main
 from distgpt.orchestrator.chaos import step_records as records
 from distgpt.orchestrator.driver import OrchestrationError, run_on_ray
+from distgpt.planner.plan import Plan
 
 from ..conftest import REPO, moto_s3, tiny_job
 
@@ -80,6 +82,45 @@ def test_node_loss_replans_onto_the_remaining_nodes(ray_cluster, tiny_data, tmp_
     # the new Plan continued from the same sample: global batch positions run on without a gap or repeat
     assert [recs[i]["samples"][0] for i in range(1, 15)] == [8 * i for i in range(14)]
     assert s["placements"][-1]["plan"] != s["placements"][0]["plan"]
+
+
+def _steps_so_far(out: Path) -> list[int]:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [r["step"] for r in map(json.loads, lines[:-1]) if r.get("kind") is None and "loss" in r]
+
+
+def test_nodes_that_join_are_used_after_a_growth_replan(ray_cluster, tiny_data, tmp_path):
+    """The other direction: a node joins mid-run (an operator or the autoscaler adding it); with cluster.grow =
+    'replan' the controller checkpoints, re-plans onto the grown cluster, resumes resharded (FSDP dp2 → DDP dp1 here,
+    the planner's choices for this model on L4 ×2 and then with an H100 node) and logs tokens/s before and after."""
+    out: dict = {}
+    args = ["--train.max_steps=150", "--model.n_embd=64", "--train.global_batch_size=32", "--cluster.plan=auto",
+            "--cluster.grow=replan", "--cluster.grow_check_s=0.5", "--checkpoint.interval=1000"]
+    runner = threading.Thread(target=lambda: out.setdefault("s", train(tiny_data, tmp_path, *args)))
+    runner.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_steps_so_far(tmp_path)) < 5:  # running, with tokens/s to compare
+        time.sleep(0.2)
+    h100 = ray_cluster.add(2, {"distgpt.io/device": "H100-SXM", "distgpt.io/site": "onprem"})
+    try:
+        runner.join(timeout=400)
+    finally:
+        ray_cluster.cluster.remove_node(h100)
+    s = out["s"]
+    assert s["state"] == "finished" and not s["recoveries"]  # growth is not a failure
+    first, last = (Plan.from_json(p["plan"]) for p in (s["placements"][0], s["placements"][-1]))
+    assert (first.dp, first.dp_engine, last.dp, last.replica_devices) == (2, "fsdp", 1, ("H100-SXM",))
+    assert set(s["placements"][-1]["nodes"].values()) == {h100.node_id}
+    (grew,) = [g for g in s["growths"] if g["stage"] == "measured"]
+    assert grew["tokens_per_s_before"] > 0 and grew["tokens_per_s_after"] > 0 and "H100-SXM ×2" in grew["detail"]
+    recs = records(tmp_path)
+    assert sorted(recs) == list(range(1, 151))  # every step once, across the re-plan
+    assert [recs[i]["samples"][0] for i in range(1, 151)] == [32 * i for i in range(150)]
+    kinds = [json.loads(x).get("kind") for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "growth" in kinds
 
 
 def test_preemption_checkpoints_then_replans_without_the_node(ray_cluster, tiny_data, tmp_path):

@@ -202,3 +202,55 @@ def test_policy_decisions():
     assert p.decide(Failure(FailureKind.HANG, "")) == Decision.RESTART
     assert p.decide(Failure(FailureKind.NODE_LOST, "", lost_nodes=("n",))) == Decision.REPLAN
     assert p.decide(Failure(FailureKind.WORKER_DIED, "")) == Decision.RAISE  # the fourth
+
+
+def _step_rec(step: int, tps: float) -> dict:
+    return {"step": step, "loss": 1.0, "tokens_per_s": tps}
+
+
+def test_growth_checkpoints_then_restarts_on_the_grown_plan_and_measures_both_sides():
+    from distgpt.orchestrator.growth import Growth, GrowthWatch
+
+    grown = Plan(dp=4)
+    asked: list[int] = []
+
+    def probe():
+        asked.append(1)
+        return Growth(grown, "2 node(s) joined (L4 ×2)") if len(asked) == 2 else None
+
+    committed = {"step": -1}
+    first = [status(s, records=[_step_rec(s, 100.0 + s)]) for s in (1, 2, 3)] + [status(4)]
+    second = [status(s, records=[_step_rec(s, 300.0)]) for s in (5, 6, 7, 8)] + [status(8, done=True)]
+    clock = Clock()
+    ctrl, groups, replans = make([first, second], clock=clock, committed_step=lambda: committed["step"])
+    ctrl.growth = GrowthWatch(probe, every_s=1.0)
+    ctrl.step()  # planning
+    ctrl.step()  # scheduling
+    for _ in range(2):  # steps 1-2; the probe runs at most once a second and finds growth the second time
+        clock.t += 1.0
+        ctrl.step()
+    assert ("checkpoint_at", 4) in groups[0].calls and ctrl.state == State.RUNNING
+    assert [e.stage for e in ctrl.events if e.kind == "growth"] == ["detected"]
+    for _ in range(2):
+        clock.t += 1.0
+        ctrl.step()  # steps 3-4 polled, but the checkpoint is not committed yet: keep running
+    assert ctrl.state == State.RUNNING and ("shutdown",) not in groups[0].calls and len(asked) == 2
+    committed["step"] = 4
+    ctrl.step()
+    assert ctrl.state == State.SCHEDULING and ("shutdown",) in groups[0].calls and ctrl.plan == grown
+    while ctrl.step() not in (State.FINISHED, State.FAILED):
+        clock.t += 1.0
+    assert groups[1].plan == grown and ctrl.state == State.FINISHED and not ctrl.recoveries and not replans
+    g = {e.stage: e for e in ctrl.events if e.kind == "growth"}
+    assert g["replanned"].tokens_per_s_before == pytest.approx((101 + 102 + 103) / 3) and g["replanned"].step == 4
+    assert g["measured"].tokens_per_s_after == pytest.approx(300.0) and g["measured"].plan_after == grown.describe()
+
+
+def test_growth_the_planner_sees_no_gain_in_is_reported_and_kept():
+    from distgpt.orchestrator.growth import Growth, GrowthWatch
+
+    ctrl, groups, _ = make([[status(1), status(2), status(3, done=True)]])
+    ctrl.growth = GrowthWatch(lambda: Growth(None, "1 node(s) joined (L4 ×2) — kept"), every_s=0.0)
+    ctrl.run(interval_s=0)
+    assert [e.stage for e in ctrl.events if e.kind == "growth"][:1] == ["kept"]
+    assert len(groups) == 1 and ctrl.state == State.FINISHED
