@@ -56,17 +56,26 @@ def autoscaling_config(node_types: dict[str, dict[str, Any]], gcs_address: str, 
 class AutoscalingSandbox:
     """``with AutoscalingSandbox({...node types...}) as sb:`` → a head at ``sb.address`` with zero worker nodes."""
 
-    def __init__(self, node_types: dict[str, dict[str, Any]], idle_timeout_s: float = 6.0):
+    def __init__(self, node_types: dict[str, dict[str, Any]], idle_timeout_s: float = 6.0, auth_token: str = ""):
         self.tmp = tempfile.mkdtemp(prefix="dgas", dir="/tmp")  # short: unix socket paths stay under 108 bytes
-        self.port = _free_port()
+        self.port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.auth_token = auth_token
+        """With a token, Ray's token authentication is on (RAY_AUTH_MODE=token) for the head and every node."""
         self.config_path = str(Path(self.tmp, "autoscaling.json"))
         Path(self.config_path).write_text(json.dumps(autoscaling_config(node_types, self.address, idle_timeout_s)))
 
+    @property
+    def jobs_address(self) -> str:
+        """The head's Jobs API (``distgpt submit --address``), on 127.0.0.1."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
     def env(self) -> dict[str, str]:
-        """Environment for a process that joins this cluster (``distgpt train``): loopback, no token (a sandbox)."""
+        """Environment for a process that joins this cluster (``distgpt train``): loopback, and the token."""
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token} if self.auth_token else \
+            {"RAY_AUTH_MODE": "disabled"}
         return {**os.environ, "RAY_ADDRESS": self.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": self.tmp}
+                "RAY_TMPDIR": self.tmp, **auth}
 
     def start(self) -> AutoscalingSandbox:
         """Start the head and its autoscaler (v2); returns once the head is up (~8 s here)."""
@@ -77,7 +86,7 @@ class AutoscalingSandbox:
         ray = str(Path(sys.executable).with_name("ray"))
         cmd = [ray, "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                f"--autoscaling-config={self.config_path}", f"--temp-dir={self.tmp}", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+               f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}",
                f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]
         try:
             subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)

@@ -26,10 +26,30 @@ NODE_TYPES = {
 }
 
 
+TOKEN = "distgpt-test-token-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def sandbox():
-    with AutoscalingSandbox(NODE_TYPES, idle_timeout_s=5.0) as sb:
+    # Ray's token authentication on, as on a real cluster: every process here gets the token through its env
+    with AutoscalingSandbox(NODE_TYPES, idle_timeout_s=5.0, auth_token=TOKEN) as sb:
         yield sb
+
+
+def _distgpt(sb: AutoscalingSandbox, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
+    env = {**sb.env(), "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS")
+    return subprocess.run([str(Path(sys.executable).with_name("distgpt")), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_jobs_api_refuses_a_wrong_token_in_one_line_and_takes_the_right_one(sandbox):
+    wrong = _distgpt(sandbox, "list", "--address", sandbox.jobs_address, token="not-the-token")
+    assert wrong.returncode == 2, wrong.stderr
+    assert "refused this client's token" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert "not-the-token" not in wrong.stderr + wrong.stdout and TOKEN not in wrong.stderr + wrong.stdout
+    right = _distgpt(sandbox, "list", "--address", sandbox.jobs_address)
+    assert right.returncode == 0, right.stderr
 
 
 def _train(sb: AutoscalingSandbox, tiny_data: str, out: Path, stages: str, timeout: float = 300):
