@@ -50,6 +50,18 @@ def ray_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.world, args.steps)
 
 
+def autoscale(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Submission vs ray job submit, scale-up time, re-plan-on-growth time, on a real autoscaler sandbox."""
+    from distgpt.bench.autoscale_bench import run
+
+    return run(args.job, overrides, args.repeats)
+
+
+def _autoscale_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/tiny.toml")(p)
+    p.add_argument("--repeats", type=int, default=2, help="alternated runs of each side")
+
+
 def checkpoint(args: argparse.Namespace, overrides: list[str]) -> int:
     """Checkpoint throughput vs raw pyarrow, and async vs blocking stall."""
     from distgpt.bench.checkpoint_bench import run
@@ -139,6 +151,8 @@ COMMANDS = [
             group_help="benchmarks"),
     Command(("bench", "ray"), "orchestrator: first-step time vs Ray Train, tokens/s vs torchrun, recovery",
             ray_bench, _ray_args),
+    Command(("bench", "autoscale"), "distgpt submit vs ray job submit; autoscaler scale-up; re-plan on growth",
+            autoscale, _autoscale_args),
     Command(("bench", "parallel"), "tokens/s and memory per rank of each strategy vs plain torchrun DDP", parallel,
             _parallel_args),
     Command(("bench", "hardware"), "measure this machine's workers into a planner profile", hardware,

@@ -94,3 +94,20 @@ def test_plan_on_a_cluster_config_names_the_nodes_and_their_price(capsys):
     assert main(["plan", str(REPO / "jobs" / "hetero.toml"), "--inventory", AWS, "--top", "1"]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if "The autoscaler will start" in x]
     assert line and "per hour" in line[0]
+
+
+def test_the_runs_node_types_resolve_from_the_setting(tmp_path, monkeypatch):
+    from distgpt.config import load_job
+    from distgpt.orchestrator.autoscale import UnplaceableError, node_types
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert node_types("none").path == "" and node_types("auto").path == ""  # no launcher bootstrap config here
+    (tmp_path / "ray_bootstrap_config.yaml").write_text((REPO / "cluster" / "aws.yaml").read_text())
+    assert node_types("auto").path == str(tmp_path / "ray_bootstrap_config.yaml")  # on a launched head
+    types = node_types(KUBERAY)
+    job = load_job(REPO / "jobs" / "gpt2-124m.toml")
+    assert types.demand(job, Plan(dp=2, replica_devices=("L4", "L4"))) == "1× l4-spot (L4)"
+    with pytest.raises(UnplaceableError, match="no node type in .*raycluster.yaml can host plan"):
+        types.demand(job, Plan(dp=2, replica_devices=("L4", "V100")))
+    with pytest.raises(InventoryError, match="no such cluster config"):
+        node_types(str(tmp_path / "missing.yaml"))

@@ -33,6 +33,8 @@ sys.exit(code)
     ["--help"],
     ["config", "jobs/tiny.toml"],
     ["plan", "jobs/tiny.toml", "--inventory", "cluster/inventory-hetero.toml", "--top", "2"],
+    ["plan", "jobs/hetero.toml", "--inventory", "cluster/aws.yaml", "--top", "1"],
+    ["cluster", "check", "cluster/kuberay/raycluster.yaml", "--job", "jobs/hetero.toml"],
 ])
 def test_help_config_and_plan_import_no_torch(argv):
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], cwd=REPO, capture_output=True, text=True,
@@ -42,7 +44,8 @@ def test_help_config_and_plan_import_no_torch(argv):
 
 
 def test_the_controller_and_its_tests_import_no_ray():
-    code = ("import sys, tests.unit.test_controller, distgpt.orchestrator.status, distgpt.orchestrator.drills; "
+    code = ("import sys, tests.unit.test_controller, distgpt.orchestrator.status, distgpt.orchestrator.drills, "
+            "distgpt.orchestrator.growth, distgpt.planner.capacity, distgpt.planner.node_types; "
             "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -52,7 +55,7 @@ def test_the_controller_and_its_tests_import_no_ray():
 def test_every_command_module_is_registered_and_reachable():
     paths = {c.path for c in registry()}
     assert {("train",), ("config",), ("plan",), ("generate",), ("data", "prepare"), ("checkpoint", "ls"),
-            ("checkpoint", "export"), ("bench", "parallel")} <= paths
+            ("checkpoint", "export"), ("bench", "parallel"), ("cluster", "check"), ("bench", "autoscale")} <= paths
 
 
 def test_old_train_keys_migrate_into_the_plan_with_a_warning(tmp_path):
