@@ -56,5 +56,5 @@ def _chaos_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS = [Command(("drill", "storage"), "fail the checkpoint store on purpose (503s, resets, an outage) while a "
                     "short run saves and resumes; checks nothing is lost", storage_drill, _arguments,
                     group_help="failure drills"),
-            Command(("drill", "chaos"), "a run with random kills and hangs against the same run without: bitwise "
-                    "equal parameters, losses and samples", chaos_drill, _chaos_arguments)]
+            Command(("drill", "chaos"), "a run with random kills, hangs and a preemption against the same run "
+                    "without: equal parameters, losses and samples", chaos_drill, _chaos_arguments)]

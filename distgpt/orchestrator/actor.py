@@ -6,7 +6,7 @@ from distgpt.config import JobConfig
 from distgpt.orchestrator.autoscale import NodeTypes
 from distgpt.orchestrator.controller import Controller, StartError
 from distgpt.orchestrator.growth import Growth, GrowthWatch
-from distgpt.orchestrator.inventory import ray_nodes, to_inventory
+from distgpt.orchestrator.inventory import RayNode, ray_nodes, to_inventory
 from distgpt.orchestrator.placement import PlacementTimeout
 from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
@@ -27,7 +27,8 @@ from distgpt.recovery.watchdog import Watchdog
 class ControllerActor:
     """Runs one job's Controller; the driver calls ``run`` once and ``events`` repeatedly (a threaded actor)."""
 
-    def __init__(self, job: JobConfig, plan: Plan, name: str, types: NodeTypes | None = None):
+    def __init__(self, job: JobConfig, plan: Plan, name: str, types: NodeTypes | None = None,
+                 planned_on: list[RayNode] | None = None):
         c = job.cluster
         self.job, self.name, self.attempt, self.types = job, name, 0, types or NodeTypes()
         self.placements: list[Placement] = []
@@ -40,7 +41,8 @@ class ControllerActor:
             faults=parse_faults(c.inject),
             committed_step=self._committed_step,
         )
-        self._known = ray_nodes(c.cpus_per_worker)  # the cluster the first Plan was made for
+        # The cluster the first Plan was made for: a node that joined since (even before this actor started) is growth
+        self._known = planned_on if planned_on is not None else ray_nodes(c.cpus_per_worker)
         self._baseline: float | None = None  # the planner's tokens/s for the running Plan on self._known
         if c.grow == "replan":
             self.ctrl.growth = GrowthWatch(self._probe_growth, c.grow_check_s)

@@ -23,7 +23,7 @@ from distgpt.errors import RunFailed
 from distgpt.orchestrator.actor import ControllerActor
 from distgpt.orchestrator.autoscale import NodeTypes, node_types
 from distgpt.orchestrator.credentials import split_credentials
-from distgpt.orchestrator.inventory import ray_nodes, to_inventory
+from distgpt.orchestrator.inventory import RayNode, ray_nodes, to_inventory
 from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
     Event,
@@ -100,9 +100,10 @@ def _absolute(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, run=run, data=data, checkpoint=ckpt, train=train, init=init)
 
 
-def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) -> Plan:
+def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) -> tuple[Plan, list[RayNode]]:
     """The Plan to start with: --plan, the planner's ('auto'), or the job's [plan]. With the autoscaler's node types
-    the planner plans for the cluster they can grow to, and a Plan they cannot host is refused here, at once."""
+    the planner plans for the cluster they can grow to, and a Plan they cannot host is refused here, at once.
+    Also returns the nodes it saw: nodes that join after them are growth."""
     nodes = ray_nodes(job.cluster.cpus_per_worker)
     up = f"{to_inventory(nodes).summary()} on {len(nodes)} nodes" if nodes else "no worker node up yet"
     if types.path:
@@ -115,7 +116,7 @@ def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) 
     plan = plan or job.plan
     if types.path:
         log(f"autoscaler: the plan needs {types.demand(job, plan)}")
-    return plan
+    return plan, nodes
 
 
 def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
@@ -123,7 +124,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
     job, secrets = split_credentials(_absolute(job))  # credentials reach the workers as environment only
     types = node_types(job.cluster.node_types)
-    plan = choose_plan(job, plan, types, log)
+    plan, nodes = choose_plan(job, plan, types, log)
     if not job.checkpoint.interval:
         log("note: checkpoint.interval is 0 — a failure restarts training from step 0")
     name = f"distgpt-{job.run.name}-{os.getpid()}-{int(time.time())}"
@@ -131,7 +132,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     actor = ray.remote(ControllerActor).options(
         num_cpus=0, max_concurrency=4, name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         runtime_env={"env_vars": secrets} if secrets else None,  # the worker actors inherit it
-    ).remote(job, plan, name, types)
+    ).remote(job, plan, name, types, nodes)
     done = actor.run.remote()
     try:
         summary = _stream(actor, done, job, log)
