@@ -42,12 +42,12 @@ def draw_faults(n: int, steps: int, world: int, seed: int, kinds: tuple[str, ...
         raise ConfigError([f"--faults: need 1 ≤ faults < train.max_steps ({steps}), got {n}"], "drill chaos")
     rng = random.Random(seed)
     at = sorted(rng.sample(range(1, steps), n))
-    drawn = [rng.choice(kinds) for _ in at]
-    if "preempt" in drawn:
-        drawn = [k if k != "preempt" else rng.choice([x for x in kinds if x != "preempt"] or ["kill"])
-                 for k in drawn]
-        drawn[-1] = "preempt"
-    return [f"{k}@{s}:{rng.randrange(world)}" for k, s in zip(drawn, at, strict=True)]
+    drawn = [(rng.choice(kinds), rng.randrange(world)) for _ in at]  # kind, rank per step: the order seeds rely on
+    if any(k == "preempt" for k, _ in drawn):
+        others = [x for x in kinds if x != "preempt"] or ["kill"]
+        drawn = [(others[i % len(others)] if k == "preempt" else k, r) for i, (k, r) in enumerate(drawn)]
+        drawn[-1] = ("preempt", drawn[-1][1])
+    return [f"{k}@{s}:{r}" for (k, r), s in zip(drawn, at, strict=True)]
 
 
 @dataclass
