@@ -66,7 +66,8 @@ def _wait_job(jobs, job_id: str, timeout_s: float = 300) -> str:
     return "TIMEOUT"
 
 
-def _submissions(sb: AutoscalingSandbox, job: str, work: Path, repeats: int) -> tuple[list[float], list[float]]:
+def _submissions(sb: AutoscalingSandbox, job: str, train: list[str], work: Path,
+                 repeats: int) -> tuple[list[float], list[float]]:
     """Alternate ``distgpt submit`` and ``ray job submit`` of the same entrypoint and runtime_env (working_dir,
     excludes, env_vars); seconds from starting the command to the job's first completed step."""
     from ray.job_submission import JobSubmissionClient
@@ -78,7 +79,7 @@ def _submissions(sb: AutoscalingSandbox, job: str, work: Path, repeats: int) -> 
     for i in range(-1, repeats):  # round -1 warms the cluster's job manager and runtime-env agent; not counted
         for who, times in (("distgpt", ours), ("ray", ref)):
             out = work / f"submit-{who}-{i}"
-            over = [*TRAIN, "--train.max_steps=3", f"--run.out_dir={out}"]
+            over = [*train, "--train.max_steps=3", f"--run.out_dir={out}"]
             t0 = time.time()
             if who == "distgpt":
                 r = subprocess.run([str(bin_dir / "distgpt"), "submit", job, "--address", sb.jobs_address,
@@ -123,12 +124,12 @@ def _scale_ups(sb: AutoscalingSandbox, repeats: int) -> tuple[list[float], list[
     return cold, warm, idle
 
 
-def _growth_and_restart(sb: AutoscalingSandbox, job: str, work: Path) -> tuple[dict, dict]:
+def _growth_and_restart(sb: AutoscalingSandbox, job: str, train: list[str], work: Path) -> tuple[dict, dict]:
     """One growth re-plan and one kill@ restart of the same job; their metrics records."""
     from ray.autoscaler.sdk import request_resources
 
     bin_dir = Path(sys.executable).parent
-    base = [str(bin_dir / "distgpt"), "train", job, *TRAIN, "--cluster.plan=auto", "--checkpoint.interval=20"]
+    base = [str(bin_dir / "distgpt"), "train", job, *train, "--cluster.plan=auto", "--checkpoint.interval=20"]
     grow_out = work / "grow"
     p = subprocess.Popen([*base, "--train.max_steps=300", "--cluster.grow=replan", "--cluster.grow_check_s=0.5",
                           f"--run.out_dir={grow_out}"], env=sb.env(), stdout=subprocess.DEVNULL,
@@ -160,15 +161,14 @@ def run(job_path: str, overrides: list[str], repeats: int = 2) -> int:
     from distgpt.data.prepare import ensure_prepared
 
     ensure_prepared(load_job(job, [*overrides, f"--data.prepared={work / 'data'}"]))
-    TRAIN.append(f"--data.prepared={work / 'data'}")
-    TRAIN.extend(overrides)
+    train = [*TRAIN, f"--data.prepared={work / 'data'}", *overrides]
     with AutoscalingSandbox(TYPES, idle_timeout_s=5.0, auth_token=secrets.token_hex(16)) as sb:
         os.environ.update({k: v for k, v in sb.env().items() if k.startswith("RAY_") and k != "RAY_ADDRESS"})
         import ray
 
         ray.init(address=sb.address, _node_ip_address="127.0.0.1", log_to_driver=False)
         try:
-            ours, ref = _submissions(sb, job, work, repeats)
+            ours, ref = _submissions(sb, job, train, work, repeats)
             print(f"submit → first step: distgpt submit {statistics.median(ours):.1f} s, ray job submit "
                   f"{statistics.median(ref):.1f} s → ratio {statistics.median(ours) / statistics.median(ref):.2f}"
                   f"   [runs: {_spread(ours)} / {_spread(ref)}]")
@@ -176,7 +176,7 @@ def run(job_path: str, overrides: list[str], repeats: int = 2) -> int:
             print(f"scale-up: placement needing a new node {statistics.median(cold):.1f} s (autoscaler starts it) "
                   f"vs on a node already up {statistics.median(warm):.2f} s; idle node removed after "
                   f"{statistics.median(idle):.1f} s (idle_timeout 5 s)   [runs: {_spread(cold)}]")
-            grew, resumed = _growth_and_restart(sb, job, work)
+            grew, resumed = _growth_and_restart(sb, job, train, work)
             if grew:
                 print(f"re-plan on growth: {grew['plan_before']} → {grew['plan_after']}, first step "
                       f"{grew['replan_s']:.1f} s after the re-plan ({grew['tokens_per_s_before']:,.0f} → "

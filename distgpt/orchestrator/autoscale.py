@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from distgpt.config import JobConfig
 from distgpt.errors import RunFailed
 from distgpt.orchestrator.inventory import RayNode
+from distgpt.orchestrator.placement import node_kinds
 from distgpt.planner.capacity import Kind, NodeType, demand, fit, group_specs, kinds_of
 from distgpt.planner.inventory import Inventory, load_inventory
 from distgpt.planner.node_types import BOOTSTRAP_CONFIG, load_node_types
@@ -32,7 +33,7 @@ class NodeTypes:
 
     def kinds(self, nodes: list[RayNode]) -> dict[str, Kind]:
         """Device type → placement, for node types that may not exist yet and for the nodes that are up."""
-        return {**kinds_of(list(self.types)), **{n.device: Kind(n.selector, n.gpus > 0) for n in nodes}}
+        return {**kinds_of(list(self.types)), **node_kinds(nodes)}
 
     def demand(self, job: JobConfig, plan: Plan) -> str:
         """What the autoscaler will start for ``plan``; UnplaceableError naming each group that fits nowhere."""

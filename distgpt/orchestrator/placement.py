@@ -22,12 +22,17 @@ class PlacementTimeout(RuntimeError):
     """The cluster could not host the Plan within the start timeout; the message says what is missing."""
 
 
+def node_kinds(nodes: list[RayNode]) -> dict[str, Kind]:
+    """Device type → how to place a rank on the nodes of that type that are up."""
+    return {n.device: Kind(n.selector, n.gpus > 0) for n in nodes}
+
+
 def group_specs(plan: Plan, nodes: list[RayNode], cpus_per_worker: float, exclude: frozenset[str] = frozenset(),
                 kinds: dict[str, Kind] | None = None) -> list[GroupSpec]:
     """The placement groups that host ``plan`` on the nodes that are up now, or on the device ``kinds`` given
     (the autoscaler's node types, which may have no node yet) — pure: no Ray calls."""
     if kinds is None:
-        kinds = {n.device: Kind(n.selector, n.gpus > 0) for n in nodes}
+        kinds = node_kinds(nodes)
     return capacity.group_specs(plan, kinds, cpus_per_worker, exclude)
 
 
