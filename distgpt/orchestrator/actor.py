@@ -7,7 +7,7 @@ from distgpt.orchestrator.autoscale import NodeTypes
 from distgpt.orchestrator.controller import Controller, StartError
 from distgpt.orchestrator.growth import Growth, GrowthWatch
 from distgpt.orchestrator.inventory import RayNode, ray_nodes, to_inventory
-from distgpt.orchestrator.placement import PlacementTimeout
+from distgpt.orchestrator.placement import PlacementTimeout, Reserved
 from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
     Event,
@@ -28,8 +28,9 @@ class ControllerActor:
     """Runs one job's Controller; the driver calls ``run`` once and ``events`` repeatedly (a threaded actor)."""
 
     def __init__(self, job: JobConfig, plan: Plan, name: str, types: NodeTypes | None = None,
-                 planned_on: list[RayNode] | None = None):
+                 planned_on: list[RayNode] | None = None, reserved: Reserved | None = None):
         c = job.cluster
+        self.reserved = reserved  # a Tune trial's placement group: every attempt places its ranks there
         self.job, self.name, self.attempt, self.types = job, name, 0, types or NodeTypes()
         self.placements: list[Placement] = []
         self.ctrl = Controller(
@@ -85,7 +86,7 @@ class ControllerActor:
         nodes = ray_nodes(self.job.cluster.cpus_per_worker, self.ctrl.excluded)
         try:
             group = WorkerGroup.create(self.job, plan, nodes, f"{self.name}-a{self.attempt}", self.ctrl.excluded,
-                                       self.types.kinds(nodes))
+                                       self.types.kinds(nodes), self.reserved)
         except PlacementTimeout as e:
             raise StartError(str(e)) from None
         where = {}

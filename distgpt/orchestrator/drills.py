@@ -3,9 +3,10 @@ what a rank does (``RankDrills``, the trainer's step hooks inside each worker). 
 
 Specs (``cluster.inject``, parsed by ``recovery/faults.py``): ``kill@STEP:RANK`` — that rank SIGKILLs itself before
 step STEP + 1 (a real crash, no clean-up); ``hang@STEP:RANK`` — it stops, so its peers block in the next collective
-until the watchdog fires; ``preempt@STEP:RANK`` — a preemption notice for that rank's node: every rank checkpoints
-after STEP, then drains until the controller lets the node go and re-plans without it. Each fault fires once per run:
-a restarted group is not armed with it again.
+until the watchdog fires; ``oom@STEP:RANK`` — it raises torch's OutOfMemoryError (a training error);
+``slow@STEP:RANK`` — it sleeps before every step from STEP on (a straggler); ``preempt@STEP:RANK`` — a preemption
+notice for that rank's node: every rank checkpoints after STEP, then drains until the controller lets the node go and
+re-plans without it. Each fault fires once per run: a restarted group is not armed with it again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from distgpt.recovery.faults import WORKER_FAULTS, Fault
+from distgpt.recovery.faults import SLOW_S, WORKER_FAULTS, Fault
 from distgpt.recovery.policy import Failure, FailureKind
 
 Notice = tuple[int, int, str]
@@ -37,8 +38,9 @@ class ControllerDrills:
             group.arm(armed)
 
     def fired(self, failure: Failure) -> None:
-        """A kill or hang fired (one per attempt: the group dies with it): do not arm it again."""
-        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang"}.get(failure.kind)
+        """A kill, hang or OOM fired (one per attempt: the group dies with it): do not arm it again."""
+        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang",
+                FailureKind.TRAINING_ERROR: "oom"}.get(failure.kind)
         fault = next((f for f in self.faults if f.kind == kind), None)
         if fault is not None:
             self.faults.remove(fault)
@@ -73,11 +75,18 @@ class RankDrills:
         self.checkpoint_step = step
 
     def before_step(self, step: int) -> None:
-        """Drain after a preemption checkpoint; fire a kill or hang armed for this step."""
+        """Drain after a preemption checkpoint; fire a kill, hang or OOM armed for this step; straggle if slow."""
         while self._draining(step):
             time.sleep(0.5)  # the checkpoint is saved; wait to be stopped (the node is about to go)
         for f in self.faults:
-            if f.step == step and f.rank == self.rank and f.kind != "preempt":
+            if f.kind == "slow" and f.rank == self.rank and f.step <= step:
+                time.sleep(SLOW_S)
+            if f.kind == "oom" and f.step == step and f.rank == self.rank:
+                import torch
+
+                raise torch.OutOfMemoryError(f"injected fault: out of memory on rank {self.rank} before step "
+                                             f"{step + 1} (cluster.inject)")
+            if f.step == step and f.rank == self.rank and f.kind in ("kill", "hang"):
                 self.log(f"injected fault: {f.kind} on rank {self.rank} before step {step + 1}")
                 time.sleep(0.3)  # let the controller's next poll carry the line out
                 if f.kind == "kill":

@@ -86,8 +86,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"local cluster") from None
 
 
-def _absolute(job: JobConfig) -> JobConfig:
-    """Local paths made absolute: workers do not share the driver's working directory."""
+def absolute(job: JobConfig) -> JobConfig:
+    """Local paths made absolute (workers do not share the driver's working directory); no progress bar on the
+    workers (the driver draws it)."""
     def fix(p: str) -> str:
         return p if not p or "://" in p else os.path.abspath(p)
 
@@ -122,7 +123,7 @@ def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) 
 def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
-    job, secrets = split_credentials(_absolute(job))  # credentials reach the workers as environment only
+    job, secrets = split_credentials(absolute(job))  # credentials reach the workers as environment only
     types = node_types(job.cluster.node_types)
     plan, nodes = choose_plan(job, plan, types, log)
     if not job.checkpoint.interval:

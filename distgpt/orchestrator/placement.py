@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -20,6 +21,26 @@ from distgpt.planner.plan import Plan
 
 class PlacementTimeout(RuntimeError):
     """The cluster could not host the Plan within the start timeout; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """A placement group reserved by someone else — a Ray Tune trial's, through its resource request. Its bundles
+    from ``first`` on hold the ranks in the order of ``group_specs``; the reserver, not the worker group, removes it."""
+
+    pg: PlacementGroup
+    first: int = 0
+
+
+def trial_bundles(specs: list[GroupSpec]) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
+    """The bundles (and their label selectors) one reservation needs for ``specs``: one per rank, in the order of
+    the specs (``Reserved`` assigns them that way)."""
+    bundles: list[dict[str, float]] = []
+    selectors: list[dict[str, str]] = []
+    for s in specs:
+        bundles += [dict(s.bundle) for _ in s.ranks]
+        selectors += [dict(s.selector) for _ in s.ranks]
+    return bundles, selectors
 
 
 def node_kinds(nodes: list[RayNode]) -> dict[str, Kind]:

@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distgpt.config import JobConfig
 from distgpt.orchestrator.inventory import RayNode
-from distgpt.orchestrator.placement import group_specs, reserve
+from distgpt.orchestrator.placement import Reserved, group_specs, reserve
 from distgpt.orchestrator.status import GroupStatus, RankStatus
 from distgpt.orchestrator.worker import TrainWorker
 from distgpt.planner.capacity import Kind
@@ -34,20 +34,27 @@ class WorkerGroup:
 
     @classmethod
     def create(cls, job: JobConfig, plan: Plan, nodes: list[RayNode], name: str,
-               exclude: frozenset[str] = frozenset(), kinds: dict[str, Kind] | None = None) -> WorkerGroup:
+               exclude: frozenset[str] = frozenset(), kinds: dict[str, Kind] | None = None,
+               reserved: Reserved | None = None) -> WorkerGroup:
         """Reserve placement, start one actor per rank (ranks in the Plan's order) and begin training. ``kinds``:
-        how to place each device type (the autoscaler's node types too); default: the nodes that are up."""
+        how to place each device type (the autoscaler's node types too); default: the nodes that are up.
+        ``reserved``: place the ranks in a placement group someone else holds (a Tune trial's) instead."""
         c = job.cluster
         specs = group_specs(plan, nodes, c.cpus_per_worker, exclude, kinds)
-        pgs = reserve(specs, nodes, c.start_timeout_s, name)
+        if reserved is None:
+            pgs = reserve(specs, nodes, c.start_timeout_s, name)
+            slots = [(pg, i) for pg, s in zip(pgs, specs, strict=True) for i in range(len(s.ranks))]
+        else:
+            pgs = []  # not ours to remove
+            slots = [(reserved.pg, reserved.first + i) for i in range(plan.world_size)]
         actors: list = [None] * plan.world_size
         remote = ray.remote(TrainWorker)
-        for spec, pg in zip(specs, pgs, strict=True):
-            for i, rank in enumerate(spec.ranks):
-                actors[rank] = remote.options(
-                    num_cpus=c.cpus_per_worker, num_gpus=spec.bundle.get("GPU", 0), max_concurrency=4,
-                    name=f"{name}-rank{rank}", scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
-                ).remote(rank, plan.world_size)
+        ranks = [(spec, rank) for spec in specs for rank in spec.ranks]
+        for (spec, rank), (pg, bundle) in zip(ranks, slots, strict=True):
+            actors[rank] = remote.options(
+                num_cpus=c.cpus_per_worker, num_gpus=spec.bundle.get("GPU", 0), max_concurrency=4,
+                name=f"{name}-rank{rank}", scheduling_strategy=PlacementGroupSchedulingStrategy(pg, bundle),
+            ).remote(rank, plan.world_size)
         try:
             where = ray.get([a.address.remote() for a in actors], timeout=c.start_timeout_s)
         except (RayActorError, GetTimeoutError) as e:

@@ -18,7 +18,7 @@ from torch import nn
 
 from distgpt.parallel import ds_state
 from distgpt.parallel.engine import LocalEngine, Objective, dp_sum
-from distgpt.parallel.mesh import ParallelMesh
+from distgpt.parallel.mesh import ParallelMesh, ensure_process_group
 
 
 def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
@@ -73,6 +73,8 @@ class DeepSpeedEngine(LocalEngine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for accelerators it won't find
         import deepspeed
 
+        # DeepSpeed needs a process group even for one rank (a planner's dp1 ZeRO plan): a one-rank gloo one
+        ensure_process_group()
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=config, dist_init_required=False
         )

@@ -35,6 +35,7 @@ class DeviceProfile:
     engine_time: tuple[tuple[str, float], ...] = ()
     engine_memory: tuple[tuple[str, float], ...] = ()
     engine_step_time: tuple[tuple[str, float], ...] = ()
+    step_scale: tuple[tuple[str, float], ...] = ()
 
 
 def save_profile(path: str | Path, devices: dict[str, DeviceProfile], measured: dict | None = None) -> None:
@@ -60,7 +61,7 @@ def load_profile(path: str | Path) -> dict[str, DeviceProfile]:
                            "`distgpt bench hardware`")
     out = {}
     for name, d in data.get("devices", {}).items():
-        for key in ("flops_curve", "engine_time", "engine_memory", "engine_step_time"):
+        for key in ("flops_curve", "engine_time", "engine_memory", "engine_step_time", "step_scale"):
             d[key] = tuple(tuple(x) for x in d.get(key, ()))
         try:
             out[device_type(name).name] = DeviceProfile(**d)
@@ -85,5 +86,6 @@ def device_models(profiles: dict[str, DeviceProfile]) -> dict[str, DeviceModel]:
         out[dev.name] = DeviceModel(dev, intra_bw=pr.intra_bw, latency=pr.latency, comm_overlap=pr.comm_overlap,
                                     act_scale=pr.act_scale, overhead_bytes=pr.overhead_bytes,
                                     flops_curve=pr.flops_curve, engine_time=pr.engine_time,
-                                    engine_memory=pr.engine_memory, engine_step_time=pr.engine_step_time)
+                                    engine_memory=pr.engine_memory, engine_step_time=pr.engine_step_time,
+                                    step_scale=pr.step_scale)
     return out

@@ -74,6 +74,18 @@ class DeviceModel:
     """The part of a mechanism's software cost paid once per optimizer step rather than per micro-batch (FSDP's and
     ZeRO-3's gradient reduce-scatter and shard bookkeeping), in seconds per local layer."""
 
+    step_scale: tuple[tuple[str, float], ...] = ()
+    """Measured / modelled step time of plans using each mechanism ('base': every plan), multiplied together over
+    a plan's mechanisms — fitted from real runs by ``distgpt tune`` (``planner/refit.py``); 1 where unmeasured."""
+
+    def time_scale(self, keys: list[str]) -> float:
+        """The measured correction of a whole step for a plan with the mechanisms in ``keys``."""
+        s = dict(self.step_scale)
+        out = 1.0
+        for k in keys:
+            out *= s.get(k, 1.0)
+        return out
+
     def engine_cost(self, keys: list[str]) -> tuple[float, float]:
         """(seconds per micro-batch per layer, bytes) the mechanisms in ``keys`` add on this device."""
         t, m = dict(self.engine_time), dict(self.engine_memory)

@@ -122,7 +122,8 @@ class Evaluator:
         lay = self.cap_replicas(lay, w.global_batch // m // min_units, m, rc)
         if lay is None:
             return "global batch too small for this many replicas at this micro-batch size"
-        keys = tuple(cost.engine_keys(engine, zero, sum(n for _, n in lay.kinds), lay.tp, lay.pp))
+        # 'base': the software cost every plan pays; 0 unless a tune wrote a measured value back (planner/refit.py)
+        keys = (*cost.engine_keys(engine, zero, sum(n for _, n in lay.kinds), lay.tp, lay.pp), "base")
         times = [max(self.stage_time(lay, st, j, m, rc, keys) for j in range(lay.pp)) for st, _ in lay.kinds]
         counts = [n for _, n in lay.kinds]
         per = self.shares(times, counts, w.global_batch // m, min_units)
@@ -144,7 +145,8 @@ class Evaluator:
         local = params / dp if (engine == "fsdp" or zero >= 1) else params
         opt = max(cost.optimizer_time(local, d) for d in devs)
         fixed = max(max(lay.stage_layers) * d.engine_step_cost(list(keys)) for d in devs)
-        step = compute + dpt + opt + fixed
+        # measured corrections of the whole step (a tune's write-back); the slowest device's governs
+        step = (compute + dpt + opt + fixed) * max(d.time_scale(list(keys)) for d in devs)
         return self._candidate(lay, m, engine, zero, rc, per, step, mem, cap,
                                {"compute": compute - bubble, "pipeline_bubble": bubble, "data_parallel": dpt,
                                 "optimizer": opt, "per_step_overhead": fixed})

@@ -128,8 +128,9 @@ def options(lay: Layout, n_kinds: int):
 
 
 def search(w: Workload, inv: Inventory, objective: Objective | None = None,
-           devices: dict[str, DeviceModel] | None = None, top: int = 10) -> SearchResult:
-    """Rank the runnable plans for ``w`` on ``inv``."""
+           devices: dict[str, DeviceModel] | None = None, top: int = 10, every_option: bool = False) -> SearchResult:
+    """Rank the runnable plans for ``w`` on ``inv``: the best micro-batch / recomputation choice of each structure
+    and engine, or (``every_option``, what a tune measures) every runnable combination."""
     objective = objective or Objective()
     ev = Evaluator(w, inv, devices or {})
     best: dict[str, Candidate] = {}
@@ -148,7 +149,7 @@ def search(w: Workload, inv: Inventory, objective: Objective | None = None,
                 if not objective.admits(c) or c.plan.problems(w.model, None, w.global_batch):
                     continue
                 # One row per structure and engine: keep its best micro-batch / recomputation choice.
-                sig = (lay, engine, zero)
+                sig = (lay, engine, zero) if not every_option else (lay, engine, zero, m, rc)
                 if sig not in best or _rank(objective, c) < _rank(objective, best[sig]):
                     best[sig] = c
     ranked = sorted(best.values(), key=lambda c: _rank(objective, c))[:top]
