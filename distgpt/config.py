@@ -7,6 +7,7 @@ one ``ConfigError``; nothing is written before a config validates.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +120,8 @@ class TrainSection:
     """Also write TensorBoard event files next to the JSONL log."""
     progress: bool = True
     """Show a progress bar on the terminal."""
+    save_final: bool = True
+    """Write the final model directory (<out_dir>/final) at the end. A tune's trials measure and write nothing."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU (0: look up the GPU, or measure a matmul on CPU)."""
     threads: int = 0
@@ -198,7 +201,8 @@ class ClusterSection:
     address: str = ""
     """Ray cluster to join ('' → $RAY_ADDRESS, else an embedded local cluster on 127.0.0.1)."""
     plan: Literal["job", "auto"] = "job"
-    """'job': the [plan] section as written; 'auto': the planner picks one for the cluster Ray reports."""
+    """'job': the [plan] section as written; 'auto': the planner picks one for the cluster Ray reports; or a Plan
+    JSON file (`distgpt plan --save`, a tune's best_plan.json): that Plan replaces the [plan] section."""
     max_failures: int = 3
     """Recoveries (restart or re-plan) allowed before the run fails."""
     hang_timeout_s: float = 300.0
@@ -317,6 +321,7 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
         # keeps the job's precision)
         plan = {} if plan == "auto" else plan
         data = {**data, "plan": plan, "cluster": {**data.get("cluster", {}), "plan": "auto"}}
+    data = _plan_file(data, problems)
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
              "sample": SampleSection, "objective": ObjectiveSection, "init": InitSection, "plan": Plan,
@@ -324,6 +329,24 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
+
+
+def _plan_file(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """``cluster.plan = "path.json"``: the file's Plan becomes the [plan] section (and cluster.plan 'job')."""
+    cluster = data.get("cluster")
+    name = cluster.get("plan") if isinstance(cluster, dict) else None
+    if not isinstance(name, str) or name in ("job", "auto"):
+        return data
+    try:
+        plan = json.loads(Path(name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problems.append(f"cluster.plan: {name!r} is not 'job', 'auto' or a readable Plan JSON file ({e}) — write one "
+                        f"with `distgpt plan JOB --inventory … --save FILE` or `distgpt tune JOB` (best_plan.json)")
+        return {**data, "cluster": {**cluster, "plan": "job"}}
+    if not isinstance(plan, dict):
+        problems.append(f"cluster.plan: {name} holds no Plan (a JSON object) — write one with `distgpt plan --save`")
+        plan = {}
+    return {**data, "plan": plan, "cluster": {**cluster, "plan": "job"}}
 
 
 def validate(job: JobConfig) -> list[str]:

@@ -57,6 +57,21 @@ def autoscale(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.repeats)
 
 
+def tune_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """A tune of ≤ N trials vs measuring every runnable plan."""
+    from distgpt.bench.tune_bench import run
+
+    return run(args.job, overrides, args.steps, args.trials, args.repeats, args.json)
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    _job("jobs/bench-parallel.toml")(p)
+    p.add_argument("--steps", type=int, default=12, help="steps per trial")
+    p.add_argument("--trials", type=int, default=8, help="the tune's budget")
+    p.add_argument("--repeats", type=int, default=2, help="tunes after the exhaustive search")
+    p.add_argument("--json", help="also write the figures to this file")
+
+
 def _autoscale_args(p: argparse.ArgumentParser) -> None:
     _job("jobs/tiny.toml")(p)
     p.add_argument("--repeats", type=int, default=2, help="alternated runs of each side")
@@ -153,6 +168,8 @@ COMMANDS = [
             ray_bench, _ray_args),
     Command(("bench", "autoscale"), "distgpt submit vs ray job submit; autoscaler scale-up; re-plan on growth",
             autoscale, _autoscale_args),
+    Command(("bench", "tune"), "distgpt tune (≤ 8 trials) vs measuring every runnable plan", tune_bench,
+            _tune_args),
     Command(("bench", "parallel"), "tokens/s and memory per rank of each strategy vs plain torchrun DDP", parallel,
             _parallel_args),
     Command(("bench", "hardware"), "measure this machine's workers into a planner profile", hardware,

@@ -184,7 +184,7 @@ class Evaluator:
                          + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead
                          + d.engine_cost(list(keys))[1])
                 mem[g.device.name] = max(mem.get(g.device.name, 0.0), total)
-                cap[g.device.name] = g.device.memory_bytes
+                cap[g.device.name] = d.device.memory_bytes  # a profile's measured memory, else the catalog's
         return mem, cap, worst_params
 
     def _candidate(self, lay, m, engine, zero, rc, per, step, mem, cap, breakdown) -> Candidate:

@@ -252,6 +252,8 @@ class Trainer:
         steady = result.step_times[1:] or result.step_times
         tokens_per_step = self.job.train.global_batch_size * self.seq_len
         result.tokens_per_s = tokens_per_step * len(steady) / sum(steady) if steady else 0.0
+        if not self.job.train.save_final:
+            return result  # (a tune trial): gathering every weight onto rank 0 would cost more than the trial
         result.final_dir = os.path.join(self.job.out_dir, "final")
         weights = self.full_state_dict()
         if self.is_logger:

@@ -23,7 +23,7 @@ from distgpt.config import JobConfig
 from distgpt.errors import DistgptError, RunFailed
 from distgpt.orchestrator.credentials import split_credentials
 from distgpt.orchestrator.driver import absolute, connect
-from distgpt.orchestrator.inventory import ray_nodes, to_inventory
+from distgpt.orchestrator.inventory import RayNode, ray_nodes, to_inventory
 from distgpt.planner.calibrate import device_models, load_profile
 from distgpt.planner.plan import Plan
 from distgpt.tune import report
@@ -63,6 +63,9 @@ class TuneOptions:
     concurrency: int = 1
     hang_timeout_s: float = 60.0
     faults: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    exhaustive: bool = False
+    """Measure every arm in the cost model's order, to the last step (the reference ``distgpt bench tune`` compares
+    a tune with): no early stopping, no model-guided choice, ``trials`` ignored."""
 
 
 def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
@@ -76,6 +79,7 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
     ensure_prepared(job, progress=log)  # once, here: trials must not race to prepare the same data
     nodes = ray_nodes(job.cluster.cpus_per_worker)
     arms, devices = _arms(job, o, log)
+    _check_placeable(arms, nodes)
     settings = TrialSettings(o.steps, o.space, o.goal, o.hang_timeout_s, job.cluster.start_timeout_s, o.faults)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, job=job, arms=arms, settings=settings),
@@ -83,7 +87,7 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
     fs, root = storage.resolve(o.out)
     path = f"{root.rstrip('/')}/tune"
     t0 = time.monotonic()
-    n = min(o.trials, len(arms))
+    n = len(arms) if o.exhaustive else min(o.trials, len(arms))
     progress = report.Progress(arms, n, log)
     if o.resume:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -126,6 +130,20 @@ def _check(job: JobConfig, o: TuneOptions) -> None:
                         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and drop them from the job file")
 
 
+def _check_placeable(arms: list[Arm], nodes: list[RayNode]) -> None:
+    """Refuse a space the connected cluster cannot host (Tune would wait for its resources forever): plans for an
+    ``--inventory`` with devices or more slots than the cluster has."""
+    have = {n.device for n in nodes}
+    slots = sum(n.slots for n in nodes)
+    named = {d for a in arms for d in (*a.plan.stage_devices, *a.plan.replica_devices)}
+    missing = sorted(named - have)
+    biggest = max(a.plan.world_size for a in arms)
+    if missing or biggest > slots:
+        why = f"devices {', '.join(missing)} that it lacks" if missing else f"{biggest} slots, it has {slots}"
+        raise TuneError(f"the plans need {why} (the cluster: {to_inventory(nodes).summary() if nodes else 'empty'})"
+                        f" — fix: tune on the cluster the plans are for (drop --inventory to plan for this one)")
+
+
 def _arms(job: JobConfig, o: TuneOptions, log) -> tuple[list[Arm], list[str]]:
     """The space and its device types: saved with a tune (a resumed one uses exactly those), else made now."""
     saved = storage.join(o.out, "arms.json")
@@ -155,7 +173,10 @@ def _arms(job: JobConfig, o: TuneOptions, log) -> tuple[list[Arm], list[str]]:
 def _tune_config(o: TuneOptions, arms: list[Arm], job: JobConfig, n: int) -> tune.TuneConfig:
     grace = o.grace_steps or max(3, o.steps // 4)
     explore = o.explore or max(1, math.ceil(n / 2))
-    searcher = ArmSearcher(arms, n, explore, adaptive=o.space == "plans", goal=o.goal)
+    searcher = ArmSearcher(arms, n, explore, adaptive=o.space == "plans" and not o.exhaustive, goal=o.goal)
+    if o.exhaustive:
+        return tune.TuneConfig(metric="score", mode="max", search_alg=searcher, num_samples=n,
+                               max_concurrent_trials=o.concurrency)
     # max_t one past the steps: a finished trial's last report (its summary) comes after its last step
     asha = ASHAScheduler(time_attr="training_iteration", max_t=o.steps + 1, grace_period=min(grace, o.steps),
                          reduction_factor=o.reduction_factor)

@@ -57,7 +57,8 @@ def trial_job(job: JobConfig, arm: Arm, s: TrialSettings, out_dir: str, faults: 
     hp = arm.hparams
     lr = hp.get("lr", job.train.lr)
     train = dataclasses.replace(
-        job.train, max_steps=s.steps, log_interval=1, eval_interval=0, progress=False, tensorboard=False, lr=lr,
+        job.train, max_steps=s.steps, log_interval=1, eval_interval=0, progress=False, tensorboard=False,
+        save_final=False, lr=lr,
         min_lr=job.train.min_lr * lr / job.train.lr if job.train.lr else job.train.min_lr,
         warmup_steps=int(hp.get("warmup_steps", min(job.train.warmup_steps, s.steps))),
         global_batch_size=int(hp.get("global_batch_size", job.train.global_batch_size)))

@@ -92,20 +92,27 @@ def test_tune_plans_early_stop_failure_and_write_back(ray_cluster, tiny_data, tm
     assert not _processes_gone(left["all_actors"]), "a trial process outlived the tune"
 
 
-def test_tune_hparams_scores_validation_loss(ray_cluster, tiny_data, tmp_path):
-    """--space hparams: the job's own point first, every trial scored on validation loss after its steps."""
+def test_tune_hparams_scores_validation_loss_into_object_storage(ray_cluster, tiny_data, tmp_path):
+    """--space hparams with --out on an S3-protocol server: the job's own point first, every trial scored on
+    validation loss after its steps, the results and the best point in the bucket."""
+    from distgpt import storage
     from distgpt.tune.runner import TuneOptions, tune_job
+    from tests.conftest import moto_s3
 
     job = tiny_job(tiny_data, str(tmp_path / "run"), "--plan.dp=2")
-    out = str(tmp_path / "hp")
-    rep = tune_job(job, TuneOptions(out=out, trials=2, steps=6, space="hparams"), log=lambda s: None)
-    assert [r.n for r in rep.rows] == [1, 2]
+    with moto_s3("tune") as (port, _):
+        out = f"s3://tune/hp?endpoint_override=127.0.0.1:{port}&scheme=http"
+        rep = tune_job(job, TuneOptions(out=out, trials=2, steps=6, space="hparams"), log=lambda s: None)
+        best = json.loads(storage.read_bytes(storage.join(out, "best_hparams.json")))
+        trials = json.loads(storage.read_bytes(storage.join(out, "trials.json")))
+        assert storage.exists(storage.join(out, "tune", "tuner.pkl"))  # Tune's experiment, resumable from there
+    assert [r.n for r in rep.rows] == [1, 2] and len(trials["trials"]) == 2
     assert rep.rows[0].hparams["lr"] == job.train.lr
     for r in rep.rows:
         assert r.status in ("finished", "stopped")
     done = [r for r in rep.rows if r.status == "finished"]
     assert done and all(r.val_loss > 0 and r.score == -r.val_loss for r in done)
-    assert json.load(open(os.path.join(out, "best_hparams.json")))["lr"] == rep.best.hparams["lr"]
+    assert best["lr"] == rep.best.hparams["lr"]
 
 
 def test_tune_ctrl_c_leaves_nothing_and_resumes(ray_cluster, tiny_data, tmp_path):
