@@ -6,7 +6,9 @@ way a rank can be lost becomes a ``Failure``: an actor that died, a node that we
 
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -23,6 +25,26 @@ from distgpt.planner.plan import Plan
 from distgpt.recovery.policy import Failure, FailureKind
 
 POLL_TIMEOUT_S = 30.0
+
+
+def _node_cpus() -> dict[str, float]:
+    return {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
+
+
+def rank_threads(job: JobConfig, where: list[tuple[str, str]], node_cpus: dict[str, float],
+                 machine_cores: int | None = None) -> list[int]:
+    """torch threads per rank: ``train.threads`` when set; else every core a rank may use — its node's CPUs shared
+    among this run's ranks on that node, and no more than the machine's cores shared among this run's ranks on
+    that machine (simulated nodes on one host share its cores). Ray's default, one thread per reserved CPU, left a
+    one-rank run on an embedded cluster at half this machine's speed. ``where``: (node id, ip) per rank."""
+    if job.train.threads:
+        return [job.train.threads] * len(where)
+    cores = machine_cores or os.cpu_count() or 1
+    per_node = Counter(node for node, _ in where)
+    per_ip = Counter(ip for _, ip in where)
+    floor = max(1, int(job.cluster.cpus_per_worker))
+    return [max(floor, min(int(node_cpus.get(node, 0) // per_node[node]), cores // per_ip[ip]))
+            for node, ip in where]
 
 
 class WorkerGroup:
@@ -61,8 +83,8 @@ class WorkerGroup:
             cls(plan, actors, pgs, {}).shutdown()
             raise RuntimeError(f"worker actors did not start: {e}") from e
         master = (where[0][1], where[0][2])
-        threads = max(1, int(c.cpus_per_worker))
-        ray.get([a.start.remote(job, plan, master, threads) for a in actors])
+        threads = rank_threads(job, [(w[0], w[1]) for w in where], _node_cpus())
+        ray.get([a.start.remote(job, plan, master, t) for a, t in zip(actors, threads, strict=True)])
         return cls(plan, actors, pgs, {rank: w[0] for rank, w in enumerate(where)})
 
     def poll(self) -> GroupStatus:

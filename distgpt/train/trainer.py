@@ -203,7 +203,8 @@ class Trainer:
         n_params = param_count(self.gpt_cfg)
         self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
                  f"{self.gpt_cfg.pos_encoding} positions | objective: {self.objective.name} | data: "
-                 f"{len(self.train_set)} train samples of {self.seq_len} tokens | device: {self.device} | plan: "
+                 f"{len(self.train_set)} train samples of {self.seq_len} tokens | device: {self.device}"
+                 f"{f' ({torch.get_num_threads()} threads)' if self.device.type == 'cpu' else ''} | plan: "
                  f"{self.plan.describe()} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
         if sink:
             sink.write({"step": 0, "kind": "config", "job": public_dict(self.job), "params": n_params,

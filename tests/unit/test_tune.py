@@ -225,3 +225,16 @@ def test_cluster_plan_names_a_plan_file(tmp_path):
     assert read_plan(str(path)) == plan
     with pytest.raises(ConfigError, match="cluster.plan"):
         _job(f"--cluster.plan='{tmp_path / 'missing.json'}'")
+
+
+def test_rank_threads_share_the_cores_a_rank_may_use():
+    """One rank on a 2-CPU node gets both cores; ranks share their node's CPUs and their machine's cores (simulated
+    nodes on one host); train.threads wins."""
+    from distgpt.orchestrator.worker_group import rank_threads
+
+    job = _job()
+    assert rank_threads(job, [("n1", "10.0.0.1")], {"n1": 2.0}, machine_cores=2) == [2]
+    assert rank_threads(job, [("n1", "ip"), ("n1", "ip")], {"n1": 16.0}, machine_cores=16) == [8, 8]
+    # two simulated nodes of 2 CPUs each on one 2-core host: one core each, not two
+    assert rank_threads(job, [("a", "127.0.0.1"), ("b", "127.0.0.1")], {"a": 2.0, "b": 2.0}, 2) == [1, 1]
+    assert rank_threads(_job("--train.threads=3"), [("a", "ip")], {"a": 2.0}, 2) == [3]
