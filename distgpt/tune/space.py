@@ -41,11 +41,16 @@ class Arm:
     hparams: dict[str, float] = field(default_factory=dict)
 
     @property
+    def structure(self) -> tuple:
+        """How the model is cut: dp × tp × pp and the stage split."""
+        p = self.plan
+        return p.dp, p.tp, p.pp, p.stage_layers
+
+    @property
     def family(self) -> tuple:
         """The structure and the mechanisms it pays for (``refit.plan_keys``: one replica's ddp and fsdp are the
         same family); arms of one family differ in micro-batch size or recomputation only."""
-        p = self.plan
-        return p.dp, p.tp, p.pp, p.stage_layers, plan_keys(p)
+        return (*self.structure, plan_keys(self.plan))
 
     def measured(self, step_s: float, peak_bytes: float = 0.0) -> Measurement:
         """This arm's prediction beside what a trial measured (for the cost model's write-back)."""
@@ -63,15 +68,19 @@ def plan_arms(job: JobConfig, inv: Inventory, goal: str = "throughput",
 
 
 def first_trials(arms: list[Arm], explore: int) -> list[Arm]:
-    """The trials to start with: the predicted best arm of each family, best first, ``explore`` of them — so the
-    first measurements cover the mechanisms the cost model is least sure of, and the predicted winner goes first."""
-    seen, out = set(), []
-    for a in arms:
-        if a.family not in seen:
-            seen.add(a.family)
-            out.append(a)
-        if len(out) == explore:
-            break
+    """The trials to start with, ``explore`` of them, each the predicted best of its kind: first one per structure
+    (dp × tp × pp: how many ranks share the work is what an uncalibrated model misjudges most — on CPU, one rank
+    may use the cores of idle slots), then one per family (the other mechanisms of each structure), best predicted
+    first within each round. The predicted winner always goes first."""
+    out: list[Arm] = []
+    for kind in ("structure", "family"):
+        seen = {getattr(a, kind) for a in out}
+        for a in arms:
+            if len(out) == explore:
+                return out
+            if getattr(a, kind) not in seen and a not in out:
+                seen.add(getattr(a, kind))
+                out.append(a)
     return out
 
 

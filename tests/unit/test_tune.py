@@ -38,13 +38,16 @@ def test_plan_arms_ranked_and_memory_feasible_only():
     assert 0 < len(fewer) < len(arms) and all(a.predicted_bytes <= cap for a in fewer)
 
 
-def test_first_trials_one_per_family_best_first():
+def test_first_trials_cover_structures_then_families_best_first():
     arms = plan_arms(_job(), TWO_CPUS)
-    first = first_trials(arms, 5)
-    assert first[0] is arms[0] and len(first) == 5
-    assert len({a.family for a in first}) == 5
-    for a in first:  # each is the predicted best of its family
-        assert a is min((b for b in arms if b.family == a.family), key=lambda b: b.index)
+    structures = {a.structure for a in arms}
+    first = first_trials(arms, len(structures) + 2)
+    assert first[0] is arms[0]
+    head, tail = first[:len(structures)], first[len(structures):]
+    assert {a.structure for a in head} == structures  # every way of cutting the model, before any mechanism
+    for a in head:  # each the predicted best of its structure
+        assert a is min((b for b in arms if b.structure == a.structure), key=lambda b: b.index)
+    assert len({a.family for a in first}) == len(first) and all(a not in head for a in tail)
 
 
 def test_hparam_arms_start_with_the_job_and_fit_the_plan():
