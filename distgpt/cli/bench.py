@@ -61,14 +61,15 @@ def tune_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     """A tune of ≤ N trials vs measuring every runnable plan."""
     from distgpt.bench.tune_bench import run
 
-    return run(args.job, overrides, args.steps, args.trials, args.repeats, args.json)
+    return run(args.job, overrides, args.steps, args.trials, args.repeats, args.json, args.confirm)
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
     _job("jobs/bench-parallel.toml")(p)
-    p.add_argument("--steps", type=int, default=12, help="steps per trial")
+    p.add_argument("--steps", type=int, default=16, help="steps per trial")
     p.add_argument("--trials", type=int, default=8, help="the tune's budget")
     p.add_argument("--repeats", type=int, default=2, help="tunes after the exhaustive search")
+    p.add_argument("--confirm", type=int, default=3, help="interleaved rounds re-measuring the plans compared")
     p.add_argument("--json", help="also write the figures to this file")
 
 

@@ -63,6 +63,8 @@ class TuneOptions:
     concurrency: int = 1
     hang_timeout_s: float = 60.0
     faults: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    only: tuple[int, ...] = ()
+    """Measure just these arms (indexes in the space), in this order, to the last step (benchmark re-measurement)."""
     exhaustive: bool = False
     """Measure every arm in the cost model's order, to the last step (the reference ``distgpt bench tune`` compares
     a tune with): no early stopping, no model-guided choice, ``trials`` ignored."""
@@ -87,7 +89,7 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
     fs, root = storage.resolve(o.out)
     path = f"{root.rstrip('/')}/tune"
     t0 = time.monotonic()
-    n = len(arms) if o.exhaustive else min(o.trials, len(arms))
+    n = len(o.only) if o.only else len(arms) if o.exhaustive else min(o.trials, len(arms))
     progress = report.Progress(arms, n, log)
     if o.resume:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -173,8 +175,9 @@ def _arms(job: JobConfig, o: TuneOptions, log) -> tuple[list[Arm], list[str]]:
 def _tune_config(o: TuneOptions, arms: list[Arm], job: JobConfig, n: int) -> tune.TuneConfig:
     grace = o.grace_steps or max(3, o.steps // 4)
     explore = o.explore or max(1, math.ceil(n / 2))
-    searcher = ArmSearcher(arms, n, explore, adaptive=o.space == "plans" and not o.exhaustive, goal=o.goal)
-    if o.exhaustive:
+    searcher = ArmSearcher(arms, n, explore, adaptive=o.space == "plans" and not o.exhaustive, goal=o.goal,
+                           order=list(o.only) or None)
+    if o.exhaustive or o.only:
         return tune.TuneConfig(metric="score", mode="max", search_alg=searcher, num_samples=n,
                                max_concurrent_trials=o.concurrency)
     # max_t one past the steps: a finished trial's last report (its summary) comes after its last step

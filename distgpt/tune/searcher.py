@@ -22,10 +22,12 @@ from distgpt.tune.space import Arm, first_trials
 class ArmSearcher(Searcher):
     """Suggests ``{"arm": index, "n": trial number}`` until ``trials`` are started or the arms run out."""
 
-    def __init__(self, arms: list[Arm], trials: int, explore: int, adaptive: bool, goal: str = "throughput"):
+    def __init__(self, arms: list[Arm], trials: int, explore: int, adaptive: bool, goal: str = "throughput",
+                 order: list[int] | None = None):
         super().__init__(metric="score", mode="max")
-        self.arms, self.trials, self.adaptive, self.goal = arms, trials, adaptive, goal
-        self.first = [a.index for a in (first_trials(arms, explore) if adaptive else arms[:trials])]
+        self.arms, self.trials, self.adaptive, self.goal = arms, trials, adaptive and not order, goal
+        self.first = list(order) if order else [a.index for a in (first_trials(arms, explore) if adaptive
+                                                                    else arms[:trials])]
         self.assigned: dict[str, int] = {}
         self.measured: dict[int, tuple[float, float]] = {}
         """arm index → (median step seconds, peak bytes) of a trial that reported steps."""
