@@ -14,7 +14,7 @@ from ray import tune
 from distgpt import storage
 from distgpt.planner.calibrate import load_profile, save_profile
 from distgpt.planner.plan import Plan
-from distgpt.planner.refit import FitError, errors, fit, write_back
+from distgpt.planner.refit import FitError, Measurement, errors, fit, write_back
 from distgpt.tune.space import Arm
 
 
@@ -49,6 +49,8 @@ class TuneReport:
     interrupted: bool
     devices: list[str] = field(default_factory=list)
     fit: FitError | None = None
+    points: list[Measurement] = field(default_factory=list)
+    """The measured trials beside their predictions: what the fit and the profile write-back use."""
 
 
 def dump_arms(arms: list[Arm], devices: list[str]) -> bytes:
@@ -140,7 +142,7 @@ def build(arms: list[Arm], devices: list[str], trials: list, wall_s: float, plan
     usable = [r for r in rows if r.status in ("finished", "stopped") and r.steps >= 2]
     best = max(usable, key=lambda r: r.score, default=None)
     points = [arms[r.arm].measured(r.measured_s, r.peak_gb * 2**30) for r in usable if arms[r.arm].predicted_s]
-    return TuneReport(rows, best, wall_s, interrupted, devices, errors(points) if points else None)
+    return TuneReport(rows, best, wall_s, interrupted, devices, errors(points) if points else None, points)
 
 
 def table(rep: TuneReport) -> str:
@@ -178,16 +180,14 @@ def write(rep: TuneReport, out: str, arms: list[Arm], profile: str, log) -> None
             f"--train.warmup_steps={int(best.hparams['warmup_steps'])} "
             f"--train.global_batch_size={int(best.hparams['global_batch_size'])}")
     if rep.fit is not None:
-        _write_profile(rep, out, arms, profile, log)
+        _write_profile(rep, out, profile, log)
 
 
-def _write_profile(rep: TuneReport, out: str, arms: list[Arm], profile: str, log) -> None:
-    usable = [r for r in rep.rows if r.status in ("finished", "stopped") and r.steps >= 2]
-    corr = fit([arms[r.arm].measured(r.measured_s, r.peak_gb * 2**30) for r in usable])
-    profiles = write_back(load_profile(profile) if profile else {}, corr, rep.devices)
+def _write_profile(rep: TuneReport, out: str, profile: str, log) -> None:
+    profiles = write_back(load_profile(profile) if profile else {}, fit(rep.points), rep.devices)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "profile.json")
-        save_profile(local, profiles, {"tune": {"trials": len(usable), "steps": max(r.steps for r in usable),
+        save_profile(local, profiles, {"tune": {"trials": len(rep.points), "steps": max(r.steps for r in rep.rows),
                                                 "from_profile": profile or None}})
         storage.write_bytes(storage.join(out, "profile.json"), open(local, "rb").read())
     f = rep.fit

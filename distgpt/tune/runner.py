@@ -185,13 +185,3 @@ def _tune_config(o: TuneOptions, arms: list[Arm], job: JobConfig, n: int) -> tun
                          reduction_factor=o.reduction_factor)
     return tune.TuneConfig(metric="score", mode="max", search_alg=searcher, scheduler=asha, num_samples=n,
                            max_concurrent_trials=o.concurrency)
-
-
-def stray_resources(job_id: str) -> dict[str, int]:
-    """Actors still alive and placement groups not removed, of Ray job ``job_id`` (tests and the bench)."""
-    from ray.util.state import list_actors, list_placement_groups
-
-    actors = [a for a in list_actors(filters=[("job_id", "=", job_id)], limit=10_000) if a.state != "DEAD"]
-    pgs = [p for p in list_placement_groups(limit=10_000) if p.creator_job_id == job_id and p.state != "REMOVED"]
-    return {"actors": len(actors), "placement_groups": len(pgs)}
-

@@ -76,9 +76,8 @@ def trial_resources(arm: Arm, nodes: list[RayNode], cpus_per_worker: float) -> t
     the placement group), one bundle per rank in the Plan's rank order, as ``Reserved`` assigns them, each with
     its device type's label selector."""
     bundles, selectors = trial_bundles(group_specs(arm.plan, nodes, cpus_per_worker, kinds=node_kinds(nodes)))
-    if any(selectors):
-        return tune.PlacementGroupFactory([{}, *bundles], strategy="PACK", bundle_label_selector=selectors)
-    return tune.PlacementGroupFactory([{}, *bundles], strategy="PACK")
+    return tune.PlacementGroupFactory([{}, *bundles], strategy="PACK",
+                                      bundle_label_selector=selectors if any(selectors) else None)
 
 
 class Scorer:
