@@ -19,6 +19,7 @@ from distgpt.model.config import GPTConfig
 from distgpt.model.presets import PRESETS, preset
 from distgpt.planner.cost import Workload
 from distgpt.planner.plan import Plan
+from distgpt.rl.config import RLSection, rl_problems
 
 MOVED = {("train", "micro_batch_size"): ("plan", "micro_batch_size"), ("train", "dtype"): ("plan", "dtype")}
 """Keys that moved (old section, key) → (new section, key): the Plan owns how a batch is cut and its precision.
@@ -136,10 +137,15 @@ class ObjectiveSection:
     its loss. The engines shard, step and reduce whatever loss it defines."""
 
     kind: str = "lm"
-    """'lm' (next-token prediction on every position), 'sft' (conversations: loss on the assistant's tokens), or
+    """'lm' (next-token prediction on every position), 'sft' (conversations: loss on the assistant's tokens), 'pg'
+    (reinforcement learning: policy gradient on the rollouts of [rl]), or
     'package.module:Class' for your own objective (a subclass of distgpt.train.objectives.base.Objective)."""
     loss_on: Literal["assistant", "all"] = "assistant"
     """sft: which targets count — the assistant's tokens, or every token of the conversation."""
+    kl_coef: float = 0.02
+    """pg: β of the KL penalty against the frozen reference model (the init.from weights); 0: no penalty."""
+    clip_eps: float = 0.2
+    """pg: PPO clip of the importance ratio π/π_old to [1 − ε, 1 + ε] (0: no clip)."""
 
 
 @dataclass
@@ -244,6 +250,8 @@ class JobConfig:
     """How the job is sharded over ranks (see distgpt/planner/plan.py); the default is one process."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    rl: RLSection = field(default_factory=RLSection)
+    """Reinforcement-learning fine-tuning (used by ``objective.kind = "pg"``)."""
 
     @property
     def checkpoint_uri(self) -> str:
@@ -325,7 +333,7 @@ def _build_job(data: dict[str, Any], problems: list[str]) -> JobConfig:
     sections = {}
     hints = {"run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
              "sample": SampleSection, "objective": ObjectiveSection, "init": InitSection, "plan": Plan,
-             "checkpoint": CheckpointSection, "cluster": ClusterSection}
+             "checkpoint": CheckpointSection, "cluster": ClusterSection, "rl": RLSection}
     for name, cls in hints.items():
         sections[name] = build(cls, data.get(name, {}), name, problems)
     return JobConfig(**sections)
@@ -389,6 +397,7 @@ def validate(job: JobConfig) -> list[str]:
         p.append("data.sources: empty — name at least one file, directory, URI or 'builtin:python-stdlib'")
     p += [f"plan.{msg}" for msg in job.plan.problems(gpt, None, t.global_batch_size)]
     p += _objective_problems(job)
+    p += rl_problems(job)
     c = job.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
         p.append("checkpoint: need interval ≥ 0 (0: off), keep_last ≥ 1, keep_every ≥ 0")

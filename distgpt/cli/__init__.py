@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from distgpt.errors import DistgptError
 from distgpt.redact import redact
 
-GROUPS = ("train", "jobs", "tune", "config", "data", "tokenizer", "generate", "infer", "plan", "cluster", "checkpoint",
-          "drill", "bench")
+GROUPS = ("train", "rl", "jobs", "tune", "config", "data", "tokenizer", "generate", "infer", "plan", "cluster",
+          "checkpoint", "drill", "bench")
 """Modules of ``distgpt.cli`` that define commands, in the order ``--help`` lists them."""
 
 

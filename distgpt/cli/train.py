@@ -64,6 +64,9 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     job = load_job(args.job, overrides)
     plan = read_plan(args.plan)
     where = launcher(job.cluster.launcher)
+    rl = job.objective.kind == "pg"
+    if rl:
+        where = _check_rl(job, where)
     if job.cluster.plan != "auto" or where != "ray":
         check_plan(job, plan, where)
     if where == "ray":
@@ -74,7 +77,8 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         import distgpt.model.generate  # noqa: F401
         from distgpt.orchestrator.driver import run_on_ray
 
-        ensure_prepared(job)
+        if not rl:  # an RL run's rows are its rollouts: there is no dataset to prepare
+            ensure_prepared(job)
         summary = run_on_ray(job, plan, args.address)
         _keep_a_cwd(summary.result.final_dir if summary.result else "/")
         res, n = summary.result, len(summary.recoveries)
@@ -83,6 +87,17 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         sample(job, res.final_dir)
         return 0
     return _train_local(job, plan)
+
+
+def _check_rl(job, where: str) -> str:
+    """An RL job runs on Ray (its rollout actors are Ray actors); check its prompts and reward before starting."""
+    from distgpt.rl.rewards import check_rl_job
+
+    if where == "local":
+        raise ConfigError(["cluster.launcher: objective 'pg' generates with Ray rollout actors — use 'ray' or 'auto' "
+                           "(an embedded local Ray cluster needs nothing set up)"], "[cluster]")
+    print(check_rl_job(job))
+    return "ray"
 
 
 def _keep_a_cwd(fallback: str) -> None:

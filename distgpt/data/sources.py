@@ -77,6 +77,12 @@ def expand_sources(sources: list[str]) -> list[SourceFile]:
         if src == BUILTIN_STDLIB:
             out.extend(_stdlib_files())
             continue
+        if src == "builtin:arithmetic":  # addition problems with their answers (distgpt.rl.tasks)
+            from distgpt.rl.tasks import arithmetic_text_file
+
+            path = arithmetic_text_file()
+            out.append(SourceFile(pafs.LocalFileSystem(), path, "builtin:arithmetic"))
+            continue
         if src.startswith("builtin:chatterbot/"):
             from distgpt.data.chat import chatterbot_files  # imported here: chat.py builds on this module
 

@@ -59,6 +59,8 @@ class StaticDecoder(nn.Module):
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype or ref.dtype, device=ref.device),
                                  persistent=False)
         self.register_buffer("positions", torch.arange(cfg.block_size, device=ref.device), persistent=False)
+        # Slot numbers apart from positions: a batch may hold more rows than the block has positions (rollouts).
+        self.register_buffer("slot_ids", torch.arange(slots, device=ref.device), persistent=False)
 
     def cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value cache of one layer, (slots, heads, block_size, head_dim) each."""
@@ -105,7 +107,7 @@ class StaticDecoder(nn.Module):
         the cache (at 8 rows the whole block's keys and values outweighed the weights). Rows that hold no request
         may take any token and position below the span; their output is ignored."""
         n, span = tokens.shape[0], keys.shape[0]
-        rows = self.positions[:n]  # 0..n-1 (the cache's first n slots)
+        rows = self.slot_ids[:n]  # 0..n-1 (the cache's first n slots)
         h = self.model.embed(tokens.view(n, 1), positions=pos.view(n, 1))
         visible = (keys.view(1, -1) <= pos.view(n, 1)).view(n, 1, 1, span)
         for i, block in enumerate(self.model.layers.values()):

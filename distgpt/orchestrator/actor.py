@@ -12,6 +12,7 @@ from distgpt.orchestrator.planning import best_on, plan_for
 from distgpt.orchestrator.status import (
     Event,
     GrowthEvent,
+    LogEvent,
     Placement,
     PlacementEvent,
     RecoveryReport,
@@ -33,6 +34,7 @@ class ControllerActor:
         self.reserved = reserved  # a Tune trial's placement group: every attempt places its ranks there
         self.job, self.name, self.attempt, self.types = job, name, 0, types or NodeTypes()
         self.placements: list[Placement] = []
+        self.coordinator = None  # an RL run's rollout coordinator (a Ray actor), started with the first group
         self.ctrl = Controller(
             make_group=self._make_group,
             replan=self._replan,
@@ -84,11 +86,14 @@ class ControllerActor:
     def _make_group(self, plan: Plan) -> WorkerGroup:
         self.attempt += 1
         nodes = ray_nodes(self.job.cluster.cpus_per_worker, self.ctrl.excluded)
+        rl = self.job.objective.kind == "pg"
         try:
             group = WorkerGroup.create(self.job, plan, nodes, f"{self.name}-a{self.attempt}", self.ctrl.excluded,
-                                       self.types.kinds(nodes), self.reserved)
+                                       self.types.kinds(nodes), self.reserved, f"{self.name}-rollout" if rl else "")
         except PlacementTimeout as e:
             raise StartError(str(e)) from None
+        if rl and self.coordinator is None:
+            self._start_rollout(group, nodes)
         where = {}
         for rank, node in sorted(group.nodes.items()):
             where.setdefault(node[:12], []).append(rank)
@@ -96,6 +101,18 @@ class ControllerActor:
         self.ctrl.emit(PlacementEvent(self.attempt, plan.describe(), dict(group.nodes),
                                       "; ".join(f"node {n}: ranks {r}" for n, r in where.items())))
         return group
+
+    def _start_rollout(self, group: WorkerGroup, nodes: list[RayNode]) -> None:
+        """An RL run's rollout coordinator and its actors (once per run: they outlive learner restarts), placed by
+        ``rl.placement`` next to the learner's first placement or on the rollout device's nodes."""
+        from distgpt.orchestrator.coordinator import start_coordinator
+
+        try:
+            self.coordinator = start_coordinator(self.job, nodes, list(group.nodes.values()), f"{self.name}-rollout")
+        except Exception as e:
+            group.shutdown()
+            raise StartError(f"the rollout actors did not start: {e}") from None
+        self.ctrl.emit(LogEvent(f"[rollout] {self.job.rl.rollout_actors} rollout actor(s), {self.job.rl.placement}"))
 
     def _committed_step(self) -> int:
         # Imported here: it pulls in torch (~2 s), which the controller otherwise never needs — and the controller

@@ -57,8 +57,9 @@ class TrainWorker:
             port = s.getsockname()[1]
         return ray.get_runtime_context().get_node_id(), ip, port
 
-    def start(self, job: JobConfig, plan: Plan, master: tuple[str, int], threads: int) -> None:
-        """Set the torch.distributed environment and start training on a background thread."""
+    def start(self, job: JobConfig, plan: Plan, master: tuple[str, int], threads: int, rollout: str = "") -> None:
+        """Set the torch.distributed environment and start training on a background thread. ``rollout``: the
+        name of an RL run's rollout coordinator (its batches replace the prepared dataset)."""
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
                            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0"})
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if "CUDA_VISIBLE_DEVICES" not in os.environ else "cuda")
@@ -69,15 +70,20 @@ class TrainWorker:
         keep_gloo_on_loopback()
         torch.set_num_threads(max(1, threads))
         self.state = "starting"
-        threading.Thread(target=self._run, args=(job, plan), daemon=True, name="distgpt-train").start()
+        threading.Thread(target=self._run, args=(job, plan, rollout), daemon=True, name="distgpt-train").start()
 
-    def _run(self, job: JobConfig, plan: Plan) -> None:
+    def _run(self, job: JobConfig, plan: Plan, rollout: str) -> None:
         from distgpt.parallel.mesh import shutdown_distributed
         from distgpt.train.trainer import Trainer
 
         try:
             sink = _QueueSink(self.records)
-            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self.drills)
+            source = None
+            if rollout:
+                from distgpt.orchestrator.rl_source import RolloutSource
+
+                source = RolloutSource(job, rollout, self.rank)
+            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self.drills, source=source)
             for rec in self.trainer.replay:  # records the lost attempt may not have delivered (the controller dedups)
                 sink.write({**rec, "replayed": True})
             self.state = "running"

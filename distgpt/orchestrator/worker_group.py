@@ -57,10 +57,11 @@ class WorkerGroup:
     @classmethod
     def create(cls, job: JobConfig, plan: Plan, nodes: list[RayNode], name: str,
                exclude: frozenset[str] = frozenset(), kinds: dict[str, Kind] | None = None,
-               reserved: Reserved | None = None) -> WorkerGroup:
+               reserved: Reserved | None = None, rollout: str = "") -> WorkerGroup:
         """Reserve placement, start one actor per rank (ranks in the Plan's order) and begin training. ``kinds``:
         how to place each device type (the autoscaler's node types too); default: the nodes that are up.
-        ``reserved``: place the ranks in a placement group someone else holds (a Tune trial's) instead."""
+        ``reserved``: place the ranks in a placement group someone else holds (a Tune trial's) instead.
+        ``rollout``: an RL run's rollout coordinator, by name (the ranks learn from its batches)."""
         c = job.cluster
         specs = group_specs(plan, nodes, c.cpus_per_worker, exclude, kinds)
         if reserved is None:
@@ -84,7 +85,7 @@ class WorkerGroup:
             raise RuntimeError(f"worker actors did not start: {e}") from e
         master = (where[0][1], where[0][2])
         threads = rank_threads(job, [(w[0], w[1]) for w in where], _node_cpus())
-        ray.get([a.start.remote(job, plan, master, t) for a, t in zip(actors, threads, strict=True)])
+        ray.get([a.start.remote(job, plan, master, t, rollout) for a, t in zip(actors, threads, strict=True)])
         return cls(plan, actors, pgs, {rank: w[0] for rank, w in enumerate(where)})
 
     def poll(self) -> GroupStatus:

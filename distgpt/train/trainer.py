@@ -64,6 +64,23 @@ class StepHooks(Protocol):
         return False
 
 
+class BatchSource(Protocol):
+    """Where a step's rows come from when not from a prepared dataset: an RL run's rollouts
+    (``orchestrator/rl_source.py``). ``bind`` returns the loader the loop uses (``next_columns``, ``state_dict``,
+    ``load_state_dict``); ``after_step`` runs on every rank after each step (a collective is allowed there) and
+    returns records for rank 0 to write; ``metrics`` adds to each step's record."""
+
+    tokenizer: Any
+    seq_len: int
+    manifest: dict
+
+    def bind(self, trainer: Trainer) -> Any: ...
+
+    def after_step(self, trainer: Trainer) -> list[dict]: ...
+
+    def metrics(self, step_time_s: float) -> dict[str, Any]: ...
+
+
 class Sink(Protocol):
     """Where metric records go: ``metrics.jsonl`` by default, the Ray controller under Ray."""
 
@@ -87,8 +104,8 @@ class Trainer:
     A constructed Trainer already stands where its latest checkpoint left off (``resume``, the last set-up step)."""
 
     def __init__(self, job: JobConfig, log=print, plan: Plan | None = None, sink: Sink | None = None,
-                 hooks: StepHooks | None = None):
-        self.job, self.hooks, self._sink = job, hooks, sink
+                 hooks: StepHooks | None = None, source: BatchSource | None = None):
+        self.job, self.hooks, self._sink, self.source = job, hooks, sink, source
         t = job.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -98,13 +115,10 @@ class Trainer:
         self.device = self.mesh.device
         self.is_logger = self.mesh.rank == 0
         self.log = log if self.is_logger else (lambda s: None)
-        self.tokenizer = load_tokenizer(job.prepared_dir)
-        self.train_set = TokenDataset(job.prepared_dir, "train")
-        self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
-        self.seq_len = self.train_set.seq_len
+        self._open_data(job, source)
         self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
         self.objective = resolve(job.objective.kind, job.objective)
-        self.objective.check_data(self.train_set.manifest)
+        self.objective.check_data(source.manifest if source is not None else self.train_set.manifest)
         torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
         model = GPT(self.gpt_cfg)
         if job.init.from_:
@@ -113,9 +127,12 @@ class Trainer:
             t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
             self.objective)
         self.shares = self.plan.shares(t.global_batch_size)
-        rows = open_mixture(self.train_set, job.data.mix, "train", t.global_batch_size) if job.data.mix \
-            else self.train_set
-        self.loader = DataLoader(rows, t.global_batch_size, job.run.seed, self.mesh.coords["dp"], self.shares)
+        if source is not None:
+            self.loader = source.bind(self)
+        else:
+            rows = open_mixture(self.train_set, job.data.mix, "train", t.global_batch_size) if job.data.mix \
+                else self.train_set
+            self.loader = DataLoader(rows, t.global_batch_size, job.run.seed, self.mesh.coords["dp"], self.shares)
         self.mix_val = {uri: TokenDataset(uri, "val") for uri in job.data.mix} if self.val_set is not None else {}
         """Validation splits of the mixed-in datasets: their loss shows what continued training forgets."""
         self.saves = RunCheckpoints(job, self.log)
@@ -125,6 +142,17 @@ class Trainer:
         self.replay: list[dict] = []
         """The records the resumed-from checkpoint carried (a driver may not have seen them; it drops duplicates)."""
         self.resume()
+
+    def _open_data(self, job: JobConfig, source: BatchSource | None) -> None:
+        """The tokenizer and sequence length; the prepared dataset's splits unless batches come from ``source``."""
+        if source is not None:
+            self.tokenizer, self.seq_len = source.tokenizer, source.seq_len
+            self.train_set = self.val_set = None
+            return
+        self.tokenizer = load_tokenizer(job.prepared_dir)
+        self.train_set = TokenDataset(job.prepared_dir, "train")
+        self.val_set = TokenDataset(job.prepared_dir, "val") if job.data.val_fraction > 0 else None
+        self.seq_len = self.train_set.seq_len
 
     def resume(self) -> None:
         """Continue from the latest committed checkpoint, if the job allows and one exists: the one place a run
@@ -203,13 +231,18 @@ class Trainer:
         n_params = param_count(self.gpt_cfg)
         self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
                  f"{self.gpt_cfg.pos_encoding} positions | objective: {self.objective.name} | data: "
-                 f"{len(self.train_set)} train samples of {self.seq_len} tokens | device: {self.device}"
+                 f"{self._data_line()} | device: {self.device}"
                  f"{f' ({torch.get_num_threads()} threads)' if self.device.type == 'cpu' else ''} | plan: "
                  f"{self.plan.describe()} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
         if sink:
             sink.write({"step": 0, "kind": "config", "job": public_dict(self.job), "params": n_params,
                         "peak_flops": peak})
         return peak
+
+    def _data_line(self) -> str:
+        if self.train_set is None:
+            return f"rollouts of {self.seq_len + 1} tokens"
+        return f"{len(self.train_set)} train samples of {self.seq_len} tokens"
 
     def _one_step(self, result: TrainResult, sink: Sink | None, bar, peak: float) -> None:
         """Hooks, one optimizer step, its metrics (one host sync per log interval), the checkpoint cadence."""
@@ -220,6 +253,10 @@ class Trainer:
         loss, norm = self.train_step()
         self._pending.append(loss)
         result.step_times.append(time.perf_counter() - t0)
+        if self.source is not None:  # weight sync and evaluation of an RL run: after the step, outside its time
+            for rec in self.source.after_step(self):
+                if sink:
+                    self._record(sink, rec)
         bar.update(1)
         if self.step % t.log_interval == 0 or self.step == t.max_steps:
             result.losses += [float(x) for x in self._pending]
@@ -284,6 +321,8 @@ class Trainer:
     def _sample_digest(self) -> list[int]:
         """[first global sample position, crc32 of the global sample ids] of the last step's batch: lets a test
         check that a run with failures consumed exactly the samples of an uninterrupted one."""
+        if self.train_set is None:
+            return self.loader.digest()
         gb = self.job.train.global_batch_size
         start = self.loader.consumed - gb
         ids = sample_ids(len(self.train_set), self.loader.seed, start, gb)
@@ -309,5 +348,7 @@ class Trainer:
             "tokens_seen": self.step * t.global_batch_size * self.seq_len,
             "samples": self._sample_digest(),
         }
+        if self.source is not None:
+            rec.update(self.source.metrics(window[-1]))
         self._record(sink, rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from distgpt.train.objectives.base import Objective
 
-NAMES = {"lm": "distgpt.train.objectives.lm:NextToken", "sft": "distgpt.train.objectives.sft:SupervisedChat"}
+NAMES = {"lm": "distgpt.train.objectives.lm:NextToken", "sft": "distgpt.train.objectives.sft:SupervisedChat",
+         "pg": "distgpt.train.objectives.pg:PolicyGradient"}
 """Built-in objectives: ``[objective] kind`` → 'module:class'."""
 
 
