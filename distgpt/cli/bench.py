@@ -57,6 +57,19 @@ def autoscale(args: argparse.Namespace, overrides: list[str]) -> int:
     return run(args.job, overrides, args.repeats)
 
 
+def rl_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """RL on the arithmetic task: held-out accuracy before/after; generation / learning / sync split."""
+    from distgpt.bench.rl_bench import run
+
+    return run(args.steps, args.pretrain_steps, overrides, args.json)
+
+
+def _rl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=60, help="RL steps")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="pre-training steps of the starting model")
+    p.add_argument("--json", help="also write the figures to this file")
+
+
 def tune_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     """A tune of ≤ N trials vs measuring every runnable plan."""
     from distgpt.bench.tune_bench import run
@@ -177,6 +190,8 @@ COMMANDS = [
             _hardware_args),
     Command(("bench", "checkpoint"), "checkpoint save/load vs raw pyarrow I/O; async vs blocking stall", checkpoint,
             _checkpoint_args),
+    Command(("bench", "rl"), "RL on arithmetic: held-out accuracy before/after; generation / learning / sync split",
+            rl_bench, _rl_args),
     Command(("bench", "sft"), "fine-tuning throughput: packed rows vs one conversation per padded row", sft,
             _sft_args),
     Command(("bench", "generate"), "inference: eager vs compiled vs int8 decode; server tokens/s and TTFT under load",

@@ -140,7 +140,7 @@ class RolloutCoordinator:
         if not self.held_out:
             return None
         with self.cond:
-            parts = self._generate(self.held_out, 1, -1, 0.0)
+            parts = self._generate(self.held_out, 1, 0, 0.0)  # greedy: the seed is unused
         completions = [c for p in parts for c in p.completions]
         return float(score(self.reward, self.held_out, completions).mean())
 

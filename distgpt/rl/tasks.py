@@ -1,9 +1,11 @@
 """Verifiable tasks: prompts whose answers a program checks exactly, so a reward needs no model.
 
-``builtin:arithmetic`` is addition of two numbers below 100, written ``a+b=`` and answered ``c`` then a newline. Its
-10,000 problems are split once, by a fixed permutation, into a held-out set (the first ``HELD_OUT``) and the rest; the
+``builtin:arithmetic`` is addition of two numbers below 20, written ``a+b=`` and answered ``c`` then a newline — small
+enough that a sub-million-parameter model learns part of it in a CPU-minute, so reinforcement learning has something
+to sharpen (with operands below 100, 1,500 pre-training steps of that model stayed at 2% held-out accuracy). Its 400
+problems are split once, by a fixed permutation, into a held-out set (the first ``HELD_OUT``) and the rest; the
 pre-training text (``builtin:arithmetic`` as a ``[data]`` source) holds only training problems, so held-out accuracy
-measures what was learnt, not what was memorised. A prompt set may also be a file: ``.jsonl`` objects with a
+measures what was learnt (the structure of addition), not what was memorised. A prompt set may also be a file: ``.jsonl`` objects with a
 ``prompt`` field, or ``.txt`` with one prompt per line.
 """
 
@@ -20,9 +22,12 @@ from distgpt import storage
 from distgpt.errors import DistgptError
 
 ARITHMETIC = "builtin:arithmetic"
-LIMIT = 100
+LIMIT = 20
 """Operands are 0 .. LIMIT-1."""
-HELD_OUT = 1000
+HELD_OUT = 80
+"""Problems kept out of pre-training and RL prompts: the held-out evaluation set."""
+PASSES = 30
+"""Times the pre-training text goes over the training problems."""
 """Problems kept out of pre-training and RL prompts: the held-out evaluation set."""
 _PROBLEM = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
 
@@ -57,12 +62,15 @@ def arithmetic_reward(prompts: list[str], completions: list[str]) -> list[float]
 
 
 def arithmetic_text_file() -> str:
-    """A text file of every training problem with its answer, one per line, in a fixed shuffled order (written once
-    to the temp directory): the pre-training corpus ``builtin:arithmetic`` names."""
-    path = os.path.join(tempfile.gettempdir(), "distgpt-builtin", "arithmetic-train-v1.txt")
+    """A text file of the training problems with their answers, one per line, ``PASSES`` times over in fixed shuffled
+    orders (written once to the temp directory): the pre-training corpus ``builtin:arithmetic`` names. Several
+    passes, because one is a few dozen training samples: the model would see the same windows every epoch."""
+    path = os.path.join(tempfile.gettempdir(), "distgpt-builtin", f"arithmetic-train-v2-{LIMIT}.txt")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        lines = "".join(f"{arithmetic_prompt(a, b)}{a + b}\n" for a, b in arithmetic_problems("train"))
+        train, rng = arithmetic_problems("train"), np.random.default_rng(7)
+        lines = "".join(f"{arithmetic_prompt(*train[i])}{sum(train[i])}\n"
+                        for _ in range(PASSES) for i in rng.permutation(len(train)))
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(lines)

@@ -97,7 +97,7 @@ def test_arithmetic_task_checks_exactly_and_keeps_held_out_problems_out_of_train
     assert len(held) == tasks.HELD_OUT and not held & train and len(held | train) == tasks.LIMIT ** 2
     text = open(tasks.arithmetic_text_file()).read()
     a, b = sorted(held)[0]
-    assert f"\n{a}+{b}={a + b}\n" not in f"\n{text}" and text.count("\n") == len(train)
+    assert f"\n{a}+{b}={a + b}\n" not in f"\n{text}" and text.count("\n") == len(train) * tasks.PASSES
     with pytest.raises(tasks.TaskError, match="not an 'a\\+b=' prompt"):
         tasks.arithmetic_reward(["hello"], ["1"])
 
