@@ -59,6 +59,7 @@ def run(steps: int, pretrain_steps: int, overrides: list[str], json_out: str | N
 
 def _figures(recs: list[dict], wall: float, job) -> dict:
     evals = {r["step"]: r["accuracy"] for r in recs if r.get("kind") == "eval"}
+    held = next(r["prompts"] for r in recs if r.get("kind") == "eval")
     steps = [r for r in recs if "reward_mean" in r]
     gen = [r["rollout_wait_s"] for r in steps]
     learn = [r["learn_s"] for r in steps]
@@ -66,7 +67,7 @@ def _figures(recs: list[dict], wall: float, job) -> dict:
     total = sum(gen) + sum(learn) + sum(sync)
     first, last = steps[: max(1, len(steps) // 5)], steps[-max(1, len(steps) // 5):]
     return {
-        "steps": len(steps), "wall_s": wall, "held_out": job.rl.eval_prompts,
+        "steps": len(steps), "wall_s": wall, "held_out": held,
         "acc_before": evals[min(evals)], "acc_after": evals[max(evals)], "accuracy_by_step": evals,
         "reward_first_fifth": statistics.mean(r["reward_mean"] for r in first),
         "reward_last_fifth": statistics.mean(r["reward_mean"] for r in last),
@@ -81,7 +82,7 @@ def _figures(recs: list[dict], wall: float, job) -> dict:
 
 def _print(f: dict) -> None:
     by_step = ", ".join(f"{s}: {a:.3f}" for s, a in sorted(f["accuracy_by_step"].items(), key=lambda kv: int(kv[0])))
-    print(f"held-out exact match (greedy, {f['held_out']} problems at most): {f['acc_before']:.3f} → "
+    print(f"held-out exact match (greedy, {f['held_out']} problems): {f['acc_before']:.3f} → "
           f"{f['acc_after']:.3f} ({f['acc_after'] / max(f['acc_before'], 1e-9):.1f}×) in {f['steps']} steps, "
           f"{f['wall_s']:.0f} s of RL wall time (Ray start-up included)")
     print(f"  by step: {by_step}")

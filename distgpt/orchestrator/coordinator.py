@@ -135,14 +135,15 @@ class RolloutCoordinator:
                 return out  # type: ignore[return-value]
         raise RuntimeError("rollout actors kept dying while generating (3 attempts) — see their logs")
 
-    def evaluate(self) -> float | None:
-        """Greedy exact-match reward (mean) on the held-out prompts with the current weights; None without any."""
+    def evaluate(self) -> tuple[float, int] | None:
+        """(greedy exact-match reward (mean), prompts) on the held-out prompts with the current weights; None
+        without any."""
         if not self.held_out:
             return None
         with self.cond:
             parts = self._generate(self.held_out, 1, 0, 0.0)  # greedy: the seed is unused
         completions = [c for p in parts for c in p.completions]
-        return float(score(self.reward, self.held_out, completions).mean())
+        return float(score(self.reward, self.held_out, completions).mean()), len(self.held_out)
 
     def state(self) -> dict:
         """What the learner's checkpoint records of the rollout side."""

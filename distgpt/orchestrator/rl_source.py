@@ -140,11 +140,12 @@ class RolloutSource:
         if self.rank != 0:
             return
         t0 = time.perf_counter()
-        acc = ray.get(self.coord.evaluate.remote(), timeout=self.rl.sync_timeout_s + 900)
-        if acc is not None:
-            self.pending.append({"step": step, "kind": "eval", "accuracy": acc, "prompts": self.rl.eval_prompts,
+        res = ray.get(self.coord.evaluate.remote(), timeout=self.rl.sync_timeout_s + 900)
+        if res is not None:
+            acc, n = res
+            self.pending.append({"step": step, "kind": "eval", "accuracy": acc, "prompts": n,
                                  "eval_s": time.perf_counter() - t0})
-            self.trainer.log(f"step {step}: held-out accuracy {acc:.3f}")
+            self.trainer.log(f"step {step}: held-out accuracy {acc:.3f} ({n} prompts)")
 
     def metrics(self, step_time_s: float) -> dict[str, Any]:
         """The rollout side of the step just taken, for its metric record."""

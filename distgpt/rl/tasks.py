@@ -5,8 +5,8 @@ enough that a sub-million-parameter model learns part of it in a CPU-minute, so 
 to sharpen (with operands below 100, 1,500 pre-training steps of that model stayed at 2% held-out accuracy). Its 400
 problems are split once, by a fixed permutation, into a held-out set (the first ``HELD_OUT``) and the rest; the
 pre-training text (``builtin:arithmetic`` as a ``[data]`` source) holds only training problems, so held-out accuracy
-measures what was learnt (the structure of addition), not what was memorised. A prompt set may also be a file: ``.jsonl`` objects with a
-``prompt`` field, or ``.txt`` with one prompt per line.
+measures what was learnt (the structure of addition), not what was memorised. A prompt set may also be a file:
+``.jsonl`` objects with a ``prompt`` field, or ``.txt`` with one prompt per line.
 """
 
 from __future__ import annotations

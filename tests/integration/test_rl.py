@@ -87,8 +87,9 @@ def test_rl_run_survives_a_killed_rollout_actor_and_a_killed_learner_using_every
 
 def test_rollout_actors_on_a_separate_device_type(ray_cluster, policy, tmp_path):
     out = tmp_path / "sep"
-    job = rl_job(policy, out, "--run.name=separate", "--train.max_steps=2", "--rl.placement=separate", "--rl.rollout_device=L4",
-                 "--plan.stage_devices=['A100-40GB']", "--rl.eval_interval=0", "--rl.eval_prompts=8")
+    job = rl_job(policy, out, "--run.name=separate", "--train.max_steps=2", "--rl.placement=separate",
+                 "--rl.rollout_device=L4", "--plan.stage_devices=['A100-40GB']", "--rl.eval_interval=0",
+                 "--rl.eval_prompts=8")
     summary = run_on_ray(job, log=lambda s: None)
     assert summary.state == "finished"
     assert set(summary.placements[0].nodes.values()) == {ray_cluster.nodes["a100"].node_id}
@@ -106,3 +107,28 @@ def test_a_missing_rollout_device_fails_with_its_fix(ray_cluster, policy, tmp_pa
                  "--rl.rollout_device=H100-80GB")
     with pytest.raises(OrchestrationError, match="no node of type 'H100-80GB'"):
         run_on_ray(job, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_reward_clearly_rises_on_the_shipped_arithmetic_task(ray_cluster, tmp_path):
+    """jobs/arithmetic.toml's model, pre-trained here, then jobs/rl.toml's GRPO for 30 steps: the sampled reward on
+    training prompts and the greedy accuracy on held-out problems both go up."""
+    from distgpt.data.prepare import ensure_prepared
+    from distgpt.train.trainer import Trainer
+
+    pre = load_job(REPO / "jobs" / "arithmetic.toml", [
+        f"--run.out_dir={tmp_path}/pre", f"--data.prepared={tmp_path}/data", "--train.progress=false",
+        "--train.eval_interval=0", "--train.threads=2"])
+    ensure_prepared(pre, progress=lambda s: None)
+    final = Trainer(pre, log=lambda s: None).fit().final_dir
+    out = tmp_path / "rl"
+    job = load_job(REPO / "jobs" / "rl.toml", [f"--init.from={final}", f"--run.out_dir={out}", "--train.max_steps=30",
+                                               "--train.progress=false", "--checkpoint.interval=0"])
+    assert run_on_ray(job, log=lambda s: None).state == "finished"
+    recs = step_records(out)
+    first = sum(recs[s]["reward_mean"] for s in range(1, 6)) / 5
+    last = sum(recs[s]["reward_mean"] for s in range(21, 31)) / 10
+    evals = {json.loads(line)["step"]: json.loads(line)["accuracy"]
+             for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line}
+    assert last >= first + 0.1, (first, last)
+    assert evals[30] > evals[0], evals
