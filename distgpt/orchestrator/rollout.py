@@ -101,7 +101,9 @@ def start_rollout_actor(job, node_id: str, index: int, name: str):
     on its cores (generation, then learning); separate ones reserve ``rl.rollout_cpus`` each."""
     r = job.rl
     cpus = 0 if r.placement == "colocate" else r.rollout_cpus
-    threads = job.train.threads or max(1, int(r.rollout_cpus)) if r.placement == "separate" else job.train.threads
+    threads = job.train.threads
+    if not threads and r.placement == "separate":
+        threads = max(1, int(r.rollout_cpus))  # colocated: torch's default (the learner's cores, taken in turn)
     return ray.remote(RolloutWorker).options(
         num_cpus=cpus, name=f"{name}-rollout{index}-{os.urandom(3).hex()}", max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),

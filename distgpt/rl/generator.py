@@ -106,7 +106,7 @@ class Generator:
             action[r, len(prompt) - 1 : len(row) - 1] = True
             logp[r, len(prompt) - 1 : len(row) - 1] = lps
         ref = self._ref_logp(tokens)
-        completions = [self._text(done) for done, _ in out]
+        completions = [self._text(done, settings.stop) for done, _ in out]
         return Rollouts(tokens, action, logp, np.where(action, ref, 0).astype(np.float32), completions,
                         self.version, time.perf_counter() - t0)
 
@@ -149,8 +149,11 @@ class Generator:
         logits = self.reference(t[:, :-1]).float()
         return torch.log_softmax(logits, dim=-1).gather(2, t[:, 1:].unsqueeze(-1)).squeeze(-1).numpy()
 
-    def _text(self, completion: list[int], stops: tuple[str, ...] = ()) -> str:
-        return self.tokenizer.decode([t for t in completion if t != self.tokenizer.eot_id])
+    def _text(self, completion: list[int], stops) -> str:
+        """The completion's text up to (not including) its first stop string, as Rollouts documents."""
+        text = self.tokenizer.decode([t for t in completion if t != self.tokenizer.eot_id])
+        cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        return text[: min(cuts)] if cuts else text
 
 
 def init_tokenizer(uri: str) -> Tokenizer:
