@@ -3,11 +3,10 @@
 Order (as torchtitan): pipeline split → tensor parallel → activation recomputation → data parallel → optimizer →
 pipeline stages and schedule. What composes (anything else is rejected by ``Plan.validate``):
 
-    dp engine  | + tp | + pp | uneven batch shares
-    ddp        |  no  | yes  | yes
-    fsdp       | yes  |  no  | yes
-    deepspeed  |  no  |  no  | no
-    (tp × pp composes with dp = 1, or with ddp when dp > 1 is not needed)
+    dp engine  | + tp | + pp | + tp + pp | uneven batch shares
+    ddp        | yes  | yes  |   yes    | yes
+    fsdp       | yes  | yes  |   yes    | yes
+    deepspeed  |  no  |  no  |    no    | no
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from distgpt.model.gpt import GPT
-from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, deepspeed_config
+from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, apply_replicate, deepspeed_config
 from distgpt.parallel.engine import Engine, LocalEngine, Objective
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.naming import drop_tied_head
@@ -50,6 +49,14 @@ def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
     return model
 
 
+def _data_parallel(module: GPT, mesh: ParallelMesh) -> torch.nn.Module:
+    """Wrap a (tensor-parallel) module for data parallelism as the Plan's engine says (not DeepSpeed)."""
+    plan = mesh.plan
+    if plan.dp_engine == "fsdp":
+        return apply_fsdp(module, mesh, plan.dtype == "bf16")
+    return apply_replicate(module, mesh) if plan.tp > 1 else apply_ddp(module, mesh)
+
+
 def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective) -> Engine:
     """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it on ``objective``. ``model`` must be
     identical on every rank (same seed): each rank keeps its part of it."""
@@ -65,8 +72,7 @@ def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: O
                                micro, objective, cfg)
     if plan.pp > 1:
         return _pipeline(model, mesh, opt, shares, micro, objective)
-    module = _prepare_module(model, mesh)
-    module = apply_fsdp(module, mesh, plan.dtype == "bf16") if plan.dp_engine == "fsdp" else apply_ddp(module, mesh)
+    module = _data_parallel(_prepare_module(model, mesh), mesh)
     optimizer = make_optimizer(module, opt.lr, opt.weight_decay, opt.betas)
     return LocalEngine([module], optimizer, mesh, shares, micro, objective)
 
@@ -78,8 +84,11 @@ def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[i
     n_chunks = len(ranges)
     chunks = []
     for idx in stage_chunk_ids(mesh):
-        chunk = carve_stage(model, ranges[idx], first=idx == 0, last=idx == n_chunks - 1)
-        chunks.append(_prepare_module(chunk, mesh))  # dp gradients are averaged by the engine (see pp.py)
+        chunk = _prepare_module(carve_stage(model, ranges[idx], first=idx == 0, last=idx == n_chunks - 1), mesh)
+        # FSDP2 shards each stage's blocks (the stage runs its reduce-scatter after the last micro-batch); with
+        # 'ddp' the engine averages dp gradients itself after the schedule (see pp.py)
+        fsdp = plan.dp_engine == "fsdp"
+        chunks.append(apply_fsdp(chunk, mesh, plan.dtype == "bf16", reshard_after_forward=False) if fsdp else chunk)
     container = torch.nn.ModuleList(chunks)
     optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
     return PipelineEngine(chunks, optimizer, mesh, shares, micro, objective, model.cfg.tie_embeddings, opt.seq_len)

@@ -1,6 +1,9 @@
 """Data parallelism: DDP, FSDP2 (``fully_shard``) and DeepSpeed ZeRO 1/2/3.
 
 * DDP: each replica holds everything; gradients are all-reduced (averaged) in buckets overlapping backward.
+  With tensor parallelism (dp×tp) ``DistributedDataParallel`` cannot hold DTensor parameters, so the replicas are
+  made by torch's FSDP2-based ``replicate`` instead: per block, like FSDP2, but with nothing sharded — each block's
+  gradients are all-reduced over the dp mesh as its backward finishes (the same overlap as DDP's buckets).
 * FSDP2: parameters, gradients and optimizer states sharded over the dp mesh (dim 0 of every tensor). Forward
   all-gathers a block's parameters just in time; backward reduce-scatters (averages) its gradients. Each block is
   its own unit so that only one block is ever gathered.
@@ -30,8 +33,26 @@ def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=group)
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, bf16: bool) -> nn.Module:
-    """``fully_shard`` each block, then the root (embedding, norm, head), over the dp mesh."""
+def apply_replicate(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """DDP semantics over the dp mesh for a module whose parameters are DTensors (tensor-parallel): ``replicate``
+    each block, then the root. Precision stays with the Plan's autocast, as for plain DDP."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    if mesh.group("dp") is None:
+        return model
+    dp_mesh = mesh.submesh("dp")
+    for block in model.layers.values():
+        replicate(block, mesh=dp_mesh)
+    replicate(model, mesh=dp_mesh)
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each block, then the root (embedding, norm, head), over the dp mesh.
+
+    Inside a pipeline stage ``reshard_after_forward=False`` (as torchtitan): the schedule runs many micro-batches per
+    step and the stage keeps gradients unsharded until the last backward anyway, so re-gathering every block once
+    per micro-batch would only add traffic. Between steps the parameters are sharded either way."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh.group("dp") is None:
@@ -41,8 +62,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, bf16: bool) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     mp = mp or MixedPrecisionPolicy()
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -11,6 +11,9 @@ Data parallelism across pipelines (dp_engine='ddp'): DDP's reducer cannot follow
 backward passes, so after the schedule each rank averages its gradients over the dp group itself, in flat buckets —
 the same all-reduce DDP would issue with no_sync, minus overlap with the last backward.
 
+With dp_engine='fsdp' each stage's blocks are FSDP2 units (as torchtitan composes PP with FSDP2): the stage
+reduce-scatters gradients after the schedule's last backward, so the engine does not average them itself.
+
 A tied LM head lives twice, as the first stage's embedding and the last stage's head (as in Megatron-LM): after each
 backward the two gradients are summed over a two-rank group, so both copies take identical optimizer steps.
 """
@@ -148,7 +151,8 @@ class PipelineEngine(Engine):
             local = torch.stack([_local(t).detach().float() for t in losses]).sum() / self._scale
         params = self.unique_params()
         align_grad_layouts(params)
-        sync_grads(params, self.mesh.group("dp"))
+        if self.mesh.plan.dp_engine != "fsdp":  # FSDP2 stages reduce-scatter their gradients themselves
+            sync_grads(params, self.mesh.group("dp"))
         tied = self._tied_pair()
         if tied is not None:
             dist.all_reduce(_local(tied.grad), group=self.mesh.tie_group)

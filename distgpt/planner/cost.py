@@ -153,8 +153,14 @@ def stage_params(m: GPTConfig, n_layers: int, first: bool, last: bool, tp: int, 
     return n
 
 
-def state_bytes(params: float, engine: str, zero: int, dp: int) -> float:
-    """Weights + gradients + Adam moments per device under the data-parallel engine."""
+def state_bytes(params: float, engine: str, zero: int, dp: int, pp: int = 1) -> float:
+    """Weights + gradients + Adam moments per device under the data-parallel engine, at the step's peak.
+
+    FSDP2 inside pipeline stages keeps each stage's blocks gathered, and their gradients unsharded, from the first
+    micro-batch to the last backward (the schedule's no-sync accumulation): the full weights and gradients beside
+    the sharded master weights and Adam moments."""
+    if engine == "fsdp" and pp > 1 and dp > 1:
+        return params * (WEIGHT_B * (1 + 1 / dp) + GRAD_B + ADAM_B / dp)
     if engine == "fsdp" or zero == 3:
         return params * (WEIGHT_B + GRAD_B + ADAM_B) / dp
     if zero == 2:
@@ -219,11 +225,14 @@ def p2p_time(w: Workload, b: int, bw: float, latency: float) -> float:
 
 
 def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, latency: float, n_micro: int,
-            backward_last: float, compute_micro: float, overlap: float) -> float:
-    """Exposed data-parallel communication per step."""
+            backward_last: float, compute_micro: float, overlap: float, pp: int = 1) -> float:
+    """Exposed data-parallel communication per step (FSDP2 in pipeline stages gathers once per step, not once per
+    micro-batch: see ``state_bytes``)."""
     if dp <= 1:
         return 0.0
     grads = params * GRAD_B
+    if engine == "fsdp" and pp > 1:
+        n_micro = 1
     if engine == "fsdp" or zero == 3:
         gather = 2 * (dp - 1) / dp * params * WEIGHT_B / bw + 2 * (dp - 1) * latency  # forward + backward
         per_micro = max((1 - overlap) * gather, gather - overlap * compute_micro)

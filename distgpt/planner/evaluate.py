@@ -141,7 +141,7 @@ class Evaluator:
         bw = self.link(groups, 10**9) if dp > 1 else 1.0
         n_micro = max(max(u) for u in per)
         dpt = cost.dp_time(params, engine, zero, dp, bw, max(d.latency for d in devs), n_micro, 2 / 3 * min(times),
-                           min(times), min(d.comm_overlap for d in devs))
+                           min(times), min(d.comm_overlap for d in devs), lay.pp)
         local = params / dp if (engine == "fsdp" or zero >= 1) else params
         opt = max(cost.optimizer_time(local, d) for d in devs)
         fixed = max(max(lay.stage_layers) * d.engine_step_cost(list(keys)) for d in devs)
@@ -179,7 +179,7 @@ class Evaluator:
                 p = cost.stage_params(self.w.model, lay.stage_layers[j], j == 0, j == lay.pp - 1, lay.tp, lay.pp)
                 worst_params = max(worst_params, p)
                 act = cost.layer_activation_bytes(self.w, m, lay.tp, rc, g.device.flash_attention) * d.act_scale
-                total = (cost.state_bytes(p, engine, zero, dp)
+                total = (cost.state_bytes(p, engine, zero, dp, lay.pp)
                          + lay.stage_layers[j] * act * cost.in_flight("1f1b", j, lay.pp, min_micro)
                          + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead
                          + d.engine_cost(list(keys))[1])

@@ -199,11 +199,6 @@ def _check_dp(plan: Plan) -> list[str]:
                      "'ddp' (pp), or set tp=pp=1")
     elif plan.zero_stage:
         p.append(f"zero_stage: {plan.zero_stage} applies only to dp_engine='deepspeed' (FSDP2 always shards fully)")
-    if plan.dp_engine == "ddp" and plan.tp > 1 and plan.dp > 1 and plan.pp == 1:
-        p.append("dp_engine: DDP does not compose with tensor parallelism alone — use dp_engine='fsdp' for dp×tp "
-                 "(dp×tp×pp runs with 'ddp')")
-    if plan.dp_engine == "fsdp" and plan.pp > 1 and plan.dp > 1:
-        p.append("dp_engine: FSDP2 with pipeline stages is not supported here — use dp_engine='ddp' for dp×pp")
     return p
 
 

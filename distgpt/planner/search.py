@@ -116,11 +116,7 @@ def _hetero(ev: Evaluator, groups: tuple[NodeGroup, ...], tp: int) -> list[Layou
 def options(lay: Layout, n_kinds: int):
     """(engine, zero stage) choices the engine supports for this layout."""
     for engine, zero in ENGINES:
-        if lay.pp > 1 and engine != "ddp":
-            continue
-        if lay.tp > 1 and engine == "deepspeed":
-            continue
-        if lay.tp > 1 and engine == "ddp" and lay.pp == 1 and sum(n for _, n in lay.kinds) > 1:
+        if (lay.tp > 1 or lay.pp > 1) and engine == "deepspeed":
             continue
         if engine == "deepspeed" and n_kinds > 1:  # uneven shares are likely; DeepSpeed needs equal ones
             continue

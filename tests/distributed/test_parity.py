@@ -47,6 +47,9 @@ CASES = {
     "dp2xpp2-ddp": (4, ["--plan.dp=2", "--plan.pp=2"]),
     "tp2xpp2": (4, ["--plan.tp=2", "--plan.pp=2"]),
     "dp2xtp2xpp2": (8, ["--plan.dp=2", "--plan.tp=2", "--plan.pp=2", "--plan.dp_engine='ddp'"]),
+    "dp2xtp2-ddp": (4, ["--plan.dp=2", "--plan.tp=2", "--plan.dp_engine='ddp'"]),
+    "dp2xpp2-fsdp": (4, ["--plan.dp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"]),
+    "dp2xtp2xpp2-fsdp": (8, ["--plan.dp=2", "--plan.tp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"]),
 }
 
 

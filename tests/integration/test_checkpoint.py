@@ -148,6 +148,16 @@ _SAVED: dict[tuple[str, ...], tuple[str, list[float], list[float]]] = {}
 the save side is the same for every load plan it is paired with, so it runs once (three of the pairs share one)."""
 
 
+def _ranks(plan: list[str]) -> int:
+    """dp×tp×pp of a plan given as overrides."""
+    n = 1
+    for arg in plan:
+        key, _, value = arg.partition("=")
+        if key in ("--plan.dp", "--plan.tp", "--plan.pp"):
+            n *= int(value)
+    return n
+
+
 def _losses(d) -> list[float]:
     return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()
             if json.loads(x).get("kind") is None]
@@ -166,6 +176,9 @@ def _losses(d) -> list[float]:
      ["--model.n_layer=4", "--plan.dp=2"]),
     (["--model.n_layer=4", "--plan.dp=2", "--plan.dp_engine='fsdp'"],
      ["--model.n_layer=4", "--plan.pp=2", "--plan.schedule='interleaved-1f1b'", "--plan.virtual_stages=2"]),
+    # the compositions added for real model sizes, each way: DDP + TP ⇄ FSDP2 + PP (four ranks each)
+    (["--plan.dp=2", "--plan.tp=2"], ["--plan.dp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"]),
+    (["--plan.dp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"], ["--plan.dp=2", "--plan.tp=2"]),
 ])
 def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, save_plan, load_plan):
     common = [f"--data.prepared={tiny_data}", "--train.progress=false", "--train.log_interval=1",
@@ -174,15 +187,15 @@ def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, sav
     key = tuple(save_plan)
     if key not in _SAVED:
         root = bucket[0].format(f"reshard-{len(_SAVED)}")
-        _torchrun(2, *common, f"--run.out_dir={tmp_path / 'ref'}", "--train.max_steps=6",
+        _torchrun(_ranks(save_plan), *common, f"--run.out_dir={tmp_path / 'ref'}", "--train.max_steps=6",
                   "--checkpoint.resume='never'", "--checkpoint.interval=0", *save_plan, env=bucket[1])
-        _torchrun(2, *common, f"--run.out_dir={tmp_path / 'a'}", "--train.max_steps=3", f"--checkpoint.uri={root}",
-                  "--checkpoint.interval=3", *save_plan, env=bucket[1])
+        _torchrun(_ranks(save_plan), *common, f"--run.out_dir={tmp_path / 'a'}", "--train.max_steps=3",
+                  f"--checkpoint.uri={root}", "--checkpoint.interval=3", *save_plan, env=bucket[1])
         _SAVED[key] = (root, _losses(tmp_path / "ref"), _losses(tmp_path / "a"))
     root, ref, first = _SAVED[key]
     # resumes from step 3 under the other Plan; it saves nothing, so the next pair still finds step 3 the latest
-    _torchrun(2, *common, f"--run.out_dir={tmp_path / 'b'}", "--train.max_steps=6", f"--checkpoint.uri={root}",
-              "--checkpoint.interval=0", *load_plan, env=bucket[1])
+    _torchrun(_ranks(load_plan), *common, f"--run.out_dir={tmp_path / 'b'}", "--train.max_steps=6",
+              f"--checkpoint.uri={root}", "--checkpoint.interval=0", *load_plan, env=bucket[1])
     assert [c.step for c in CheckpointManager(root).committed()] == [3]
     assert first + _losses(tmp_path / "b") == pytest.approx(ref, rel=1e-4)
 

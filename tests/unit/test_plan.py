@@ -44,8 +44,7 @@ def test_json_round_trip_and_describe():
     (Plan(pp=5, micro_batch_size=1), 8, "every stage needs at least one block"),
     (Plan(dp=2, dp_engine="deepspeed", zero_stage=4), 8, "ZeRO stages are 1, 2 or 3"),
     (Plan(dp=2, pp=2, dp_engine="deepspeed", zero_stage=1, micro_batch_size=2), 8, "composes with neither tp nor pp"),
-    (Plan(dp=2, tp=2), 8, "use dp_engine='fsdp' for dp×tp"),
-    (Plan(dp=2, pp=2, dp_engine="fsdp", micro_batch_size=2), 8, "use dp_engine='ddp' for dp×pp"),
+    (Plan(dp=2, tp=2, dp_engine="deepspeed", zero_stage=2), 8, "composes with neither tp nor pp"),
     (Plan(dp=2, batch_shares=(5, 2)), 8, "summing to the global batch 8"),
     (Plan(dp=3), 8, "does not split evenly over dp=3"),
     (Plan(pp=2, micro_batch_size=8), 8, "needs at least pp=2 micro-batches"),
@@ -58,6 +57,15 @@ def test_each_impossible_plan_gets_one_clear_error(plan, batch, needle):
     assert len(problems) == 1 and needle in problems[0], problems
     with pytest.raises(PlanError, match="invalid plan"):
         plan.validate(MODEL, None, batch)
+
+
+@pytest.mark.parametrize("plan", [
+    Plan(dp=2, tp=2), Plan(dp=2, pp=2, dp_engine="fsdp", micro_batch_size=2),
+    Plan(dp=2, tp=2, pp=2, dp_engine="fsdp", micro_batch_size=2), Plan(dp=2, tp=2, pp=2, micro_batch_size=2),
+])
+def test_every_ddp_and_fsdp_composition_is_accepted(plan):
+    """DDP × TP, FSDP2 × PP and FSDP2 × TP × PP run (tests/distributed/test_parity.py) and so validate."""
+    assert plan.problems(MODEL, None, 8) == []
 
 
 def test_world_size_must_match():

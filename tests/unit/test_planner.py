@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -55,6 +56,30 @@ def test_activation_memory_matches_korthikanti_by_hand():
     assert cost.layer_activation_bytes(w, 1, 1, True, flash=True) == 2 * s * b * h
     assert cost.in_flight("1f1b", 0, 4, 8) == 4 and cost.in_flight("1f1b", 3, 4, 8) == 1
     assert cost.in_flight("gpipe", 3, 4, 8) == 8
+
+
+def test_fsdp_inside_pipeline_stages_holds_gathered_weights_and_gradients_by_hand():
+    n = 1e9  # gathered weights + gradients from the first micro-batch to the last backward, sharded master + Adam
+    assert cost.state_bytes(n, "fsdp", 0, 8, pp=2) == 4e9 * (1 + 1 / 8) + 4e9 + 8e9 / 8
+    assert cost.state_bytes(n, "fsdp", 0, 8, pp=1) == 2e9
+    # and it gathers once per step, not once per micro-batch as FSDP2 without pipeline stages does
+    args = (n, "fsdp", 0, 8, 25e9, 1e-5, 16, 0.0, 0.0, 0.0)
+    assert cost.dp_time(*args, pp=2) < cost.dp_time(*args, pp=1) / 8
+
+
+def test_the_search_considers_ddp_with_tp_and_fsdp_with_pipeline_stages():
+    model = replace(B13, vocab_size=50304)  # TP splits the vocabulary: padded to a multiple of 64, as Megatron-LM does
+    w = Workload(model, 64, 2048, "bf16")
+    res = search(w, inv({"device": "A100-40GB", "count": 8, "replicas": 2}), top=10**6, every_option=True)
+    shapes = {(c.plan.dp > 1, c.plan.tp > 1, c.plan.pp > 1, c.plan.dp_engine) for c in res.ranked}
+    for shape in [(True, True, False, "ddp"), (True, False, True, "fsdp"), (True, True, True, "fsdp")]:
+        assert shape in shapes, shape
+    assert all(c.plan.problems(model, None, 64) == [] for c in res.ranked)
+    # the common shape wins where it should: nodes of 4 GPUs joined by a slow network (10 Gb/s), a model whose
+    # states need sharding or splitting — data parallel across nodes, tensor parallel inside, DDP
+    slow = inv({"device": "A100-40GB", "count": 4, "replicas": 2, "network_gbps": 10})
+    best = search(w, slow).ranked[0].plan
+    assert (best.dp_engine, best.dp > 1, best.tp > 1, best.pp) == ("ddp", True, True, 1), best.describe()
 
 
 def test_stage_params_sum_to_the_model():
