@@ -130,6 +130,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-engine", choices=("eager", "compiled"), default="compiled")
 
 
+def init_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Peak host memory per rank during set-up: each rank making its part vs building the whole model."""
+    from distgpt.bench.init_bench import run
+
+    return run()
+
+
 def _job(default: str):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("job", nargs="?", default=default)
@@ -186,6 +193,8 @@ COMMANDS = [
             _tune_args),
     Command(("bench", "parallel"), "tokens/s and memory per rank of each strategy vs plain torchrun DDP", parallel,
             _parallel_args),
+    Command(("bench", "init"), "set-up memory per rank (gpt2-1.3b / 6.7b widths): meta-device init vs whole model",
+            init_bench),
     Command(("bench", "hardware"), "measure this machine's workers into a planner profile", hardware,
             _hardware_args),
     Command(("bench", "checkpoint"), "checkpoint save/load vs raw pyarrow I/O; async vs blocking stall", checkpoint,

@@ -11,12 +11,33 @@ restart at each one, so a packed row computes exactly what its documents would a
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distgpt.model.config import GPTConfig
+
+
+def initial_value(cfg: GPTConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value of parameter ``name`` (its one-process name), a function of (seed, name) alone.
+
+    GPT-2 init: N(0, 0.02) weights, zero biases, unit LayerNorm gains, residual projections scaled by
+    1/sqrt(2·n_layer). Each weight draws from its own generator, seeded by the run's seed and the parameter's name,
+    so any rank can make exactly the values of the parameters it owns — a pipeline stage, a tensor-parallel or FSDP
+    shard — without building the rest, and the model is the same bit for bit whatever the Plan. A tied head is the
+    embedding. Returned in fp32 on the CPU.
+    """
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        name = "tok_emb.weight"
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:
+        return torch.ones(shape)
+    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj.weight", "fc2.weight")) else 0.02
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
@@ -178,21 +199,26 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm: nn.LayerNorm | None = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if not self.lm_head.weight.is_meta:  # built on the meta device: the caller initialises what it keeps
+            self.init_weights(torch.initial_seed())
 
-    def init_weights(self) -> None:
-        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2·n_layer)."""
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Every parameter this module holds set to ``initial_value`` under its own name."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() == 1:  # LayerNorm gains
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "fc2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+            p.copy_(initial_value(self.cfg, name, tuple(p.shape), seed))
+
+    def reset_buffers(self) -> None:
+        """Recompute the fixed position tables (after ``to_empty`` left them uninitialised)."""
+        cfg = self.cfg
+        device = next(self.parameters()).device
+        if cfg.pos_encoding == "sinusoidal":
+            self.pos_table = sinusoidal_table(cfg.block_size, cfg.n_embd).to(device)
+        if cfg.pos_encoding == "rotary":
+            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_base)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> dict[str, KVCache]:
         """Empty KV caches, one per layer this module holds."""

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from distgpt.model.gpt import GPT
 from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, apply_replicate, deepspeed_config
 from distgpt.parallel.engine import Engine, LocalEngine, Objective
+from distgpt.parallel.materialize import is_meta, materialize
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.naming import drop_tied_head
 from distgpt.parallel.optim import make_optimizer, param_groups
@@ -49,36 +50,49 @@ def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
     return model
 
 
-def _data_parallel(module: GPT, mesh: ParallelMesh) -> torch.nn.Module:
-    """Wrap a (tensor-parallel) module for data parallelism as the Plan's engine says (not DeepSpeed)."""
+def _data_parallel(module: GPT, mesh: ParallelMesh, seed: int) -> torch.nn.Module:
+    """Wrap a (tensor-parallel) module for data parallelism as the Plan's engine says (not DeepSpeed), giving a
+    meta-device module its values where this rank's part is known: after FSDP2 / replicate shard it, before DDP
+    (which broadcasts real tensors as it wraps)."""
     plan = mesh.plan
-    if plan.dp_engine == "fsdp":
-        return apply_fsdp(module, mesh, plan.dtype == "bf16")
-    return apply_replicate(module, mesh) if plan.tp > 1 else apply_ddp(module, mesh)
+    if plan.dp_engine == "fsdp" or plan.tp > 1:
+        wrap = apply_fsdp(module, mesh, plan.dtype == "bf16") if plan.dp_engine == "fsdp" else \
+            apply_replicate(module, mesh)
+        return _materialized(wrap, mesh, seed)
+    return apply_ddp(_materialized(module, mesh, seed), mesh)
 
 
-def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective) -> Engine:
-    """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it on ``objective``. ``model`` must be
-    identical on every rank (same seed): each rank keeps its part of it."""
+def _materialized(module: torch.nn.Module, mesh: ParallelMesh, seed: int) -> torch.nn.Module:
+    return materialize(module, mesh.device, seed) if is_meta(module) else module
+
+
+def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective, seed: int = 0) -> Engine:
+    """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it on ``objective``.
+
+    ``model`` is either built on the meta device — then each rank gives only its part storage and the values a
+    one-process ``GPT`` seeded with ``seed`` has (``materialize.py``) — or a real model identical on every rank
+    (trained weights from ``init.from``), of which each rank keeps its part."""
     plan = mesh.plan
     plan.validate(model.cfg, plan.world_size, opt.global_batch)
     shares = plan.shares(opt.global_batch)
     share = shares[mesh.coords["dp"]]
     micro = plan.micro_batch_size or share
-    model = model.to(mesh.device)
-    if plan.dp_engine == "deepspeed":
+    if not is_meta(model):
+        model = model.to(mesh.device)
+    if plan.dp_engine == "deepspeed":  # DeepSpeed's engine takes a real module (its own zero.Init is not used)
+        model = _materialized(model, mesh, seed)
         cfg = deepspeed_config(plan, micro, share // micro, opt.lr, opt.betas, opt.weight_decay, opt.grad_clip)
         return DeepSpeedEngine(_prepare_module(model, mesh), param_groups(model, opt.weight_decay), mesh, shares,
                                micro, objective, cfg)
     if plan.pp > 1:
-        return _pipeline(model, mesh, opt, shares, micro, objective)
-    module = _data_parallel(_prepare_module(model, mesh), mesh)
+        return _pipeline(model, mesh, opt, shares, micro, objective, seed)
+    module = _data_parallel(_prepare_module(model, mesh), mesh, seed)
     optimizer = make_optimizer(module, opt.lr, opt.weight_decay, opt.betas)
     return LocalEngine([module], optimizer, mesh, shares, micro, objective)
 
 
 def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[int], micro: int,
-              objective: Objective) -> Engine:
+              objective: Objective, seed: int) -> Engine:
     plan = mesh.plan
     ranges = plan.layer_ranges(model.cfg.n_layer)
     n_chunks = len(ranges)
@@ -88,7 +102,8 @@ def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[i
         # FSDP2 shards each stage's blocks (the stage runs its reduce-scatter after the last micro-batch); with
         # 'ddp' the engine averages dp gradients itself after the schedule (see pp.py)
         fsdp = plan.dp_engine == "fsdp"
-        chunks.append(apply_fsdp(chunk, mesh, plan.dtype == "bf16", reshard_after_forward=False) if fsdp else chunk)
+        chunk = apply_fsdp(chunk, mesh, plan.dtype == "bf16", reshard_after_forward=False) if fsdp else chunk
+        chunks.append(_materialized(chunk, mesh, seed))
     container = torch.nn.ModuleList(chunks)
     optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
     return PipelineEngine(chunks, optimizer, mesh, shares, micro, objective, model.cfg.tie_embeddings, opt.seq_len)

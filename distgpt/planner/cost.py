@@ -170,6 +170,15 @@ def state_bytes(params: float, engine: str, zero: int, dp: int, pp: int = 1) -> 
     return params * (WEIGHT_B + GRAD_B + ADAM_B)
 
 
+def setup_bytes(m: GPTConfig, params: float, engine: str, zero: int, dp: int) -> float:
+    """Device memory while a rank sets its part up: the weights it keeps (sharded ones by its shard; DeepSpeed takes
+    the whole stage before partitioning), plus the one full tensor being made at a time (the largest: the
+    embedding or an MLP matrix) before its shard is cut from it (``parallel/materialize.py``)."""
+    largest = max(m.vocab_size, m.ffn_mult * m.n_embd) * m.n_embd
+    kept = params / dp if engine == "fsdp" else params
+    return kept * WEIGHT_B + largest * WEIGHT_B
+
+
 def layer_activation_bytes(w: Workload, b: int, tp: int, recompute: bool, flash: bool) -> float:
     """Activation memory of one layer for one micro-batch of b samples (Korthikanti et al. 2022)."""
     s, h, a = w.seq_len, w.model.n_embd, w.model.n_head

@@ -183,7 +183,8 @@ class Evaluator:
                          + lay.stage_layers[j] * act * cost.in_flight("1f1b", j, lay.pp, min_micro)
                          + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead
                          + d.engine_cost(list(keys))[1])
-                mem[g.device.name] = max(mem.get(g.device.name, 0.0), total)
+                setup = cost.setup_bytes(self.w.model, p, engine, zero, dp) + d.overhead  # before any step
+                mem[g.device.name] = max(mem.get(g.device.name, 0.0), total, setup)
                 cap[g.device.name] = d.device.memory_bytes  # a profile's measured memory, else the catalog's
         return mem, cap, worst_params
 

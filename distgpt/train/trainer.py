@@ -119,13 +119,10 @@ class Trainer:
         self.gpt_cfg = job.gpt_config(self.tokenizer.vocab_size)
         self.objective = resolve(job.objective.kind, job.objective)
         self.objective.check_data(source.manifest if source is not None else self.train_set.manifest)
-        torch.manual_seed(job.run.seed)  # same seed ⇒ same init on every rank, same dropout, same losses
-        model = GPT(self.gpt_cfg)
-        if job.init.from_:
-            self.log(load_initial_weights(model, job.init.from_))
-        self.engine = parallelize(model, self.mesh, OptimSettings(
+        torch.manual_seed(job.run.seed)  # same seed ⇒ same dropout, same losses
+        self.engine = parallelize(self._model(), self.mesh, OptimSettings(
             t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
-            self.objective)
+            self.objective, seed=job.run.seed)
         self.shares = self.plan.shares(t.global_batch_size)
         if source is not None:
             self.loader = source.bind(self)
@@ -142,6 +139,17 @@ class Trainer:
         self.replay: list[dict] = []
         """The records the resumed-from checkpoint carried (a driver may not have seen them; it drops duplicates)."""
         self.resume()
+
+    def _model(self) -> GPT:
+        """The model to parallelize: built on the meta device, so that each rank makes only the part it keeps
+        (``parallel/materialize.py``: the values of a one-process init with the run's seed); or, from ``init.from``,
+        the trained weights, read whole on every rank."""
+        if self.job.init.from_:
+            model = GPT(self.gpt_cfg)
+            self.log(load_initial_weights(model, self.job.init.from_))
+            return model
+        with torch.device("meta"):
+            return GPT(self.gpt_cfg)
 
     def _open_data(self, job: JobConfig, source: BatchSource | None) -> None:
         """The tokenizer and sequence length; the prepared dataset's splits unless batches come from ``source``."""

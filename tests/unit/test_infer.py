@@ -21,10 +21,10 @@ GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
 needs_cxx = pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 
 
-def small_model(pos: str = "rotary", block: int = 320, seed: int = 0) -> GPT:
+def small_model(pos: str = "rotary", block: int = 320, seed: int = 4) -> GPT:
     """A model whose greedy continuations are not degenerate (weights larger than the GPT-2 init) and are printable
     text: the (tied) embedding rows of every token but printable ASCII are zero, so their logit is 0 while some
-    printable token's is positive."""
+    printable token's is positive. Seed 4: a continuation of several tokens under every position encoding."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=block, n_layer=2, n_head=2, n_embd=32,
                           pos_encoding=pos))

@@ -67,6 +67,21 @@ def test_fsdp_inside_pipeline_stages_holds_gathered_weights_and_gradients_by_han
     assert cost.dp_time(*args, pp=2) < cost.dp_time(*args, pp=1) / 8
 
 
+def test_setup_memory_is_the_kept_weights_plus_the_largest_full_tensor_by_hand():
+    n = 1e9
+    assert cost.setup_bytes(B13, n, "fsdp", 0, 8) == n / 8 * 4 + 50257 * 2048 * 4
+    assert cost.setup_bytes(B13, n, "ddp", 0, 8) == n * 4 + 50257 * 2048 * 4
+    # a huge vocabulary sharded 64 ways: set-up (one whole embedding at a time) is the peak the planner must see
+    big = replace(B13, vocab_size=256_000, n_embd=8192, n_head=64, n_layer=2)
+    w = Workload(big, 64, 128, "bf16")
+    ev = Evaluator(w, inv({"device": "H100-SXM", "count": 8, "replicas": 8}), {})
+    lay = next(lay for lay in layouts(ev, ev.inv.groups) if lay.tp == 1 and lay.pp == 1)
+    mem, _, params = ev.memory(lay, 1, "fsdp", 0, True, 64, 1)
+    overhead = ev.dev(ev.inv.groups[0]).overhead
+    assert mem["H100-SXM"] == pytest.approx(cost.setup_bytes(big, params, "fsdp", 0, 64) + overhead)
+    assert cost.state_bytes(params, "fsdp", 0, 64) < 0.2 * mem["H100-SXM"]  # training states alone are far less
+
+
 def test_the_search_considers_ddp_with_tp_and_fsdp_with_pipeline_stages():
     model = replace(B13, vocab_size=50304)  # TP splits the vocabulary: padded to a multiple of 64, as Megatron-LM does
     w = Workload(model, 64, 2048, "bf16")

@@ -1,0 +1,73 @@
+"""Initialisation without materialising the whole model: a rank builds the GPT on the meta device, keeps its part
+(pipeline stage, tensor-parallel shard, FSDP2 shard), and only then gives that part storage and values.
+
+Each parameter's value comes from ``initial_value`` under its one-process name, a function of the run's seed and
+that name alone, so a shard is filled with exactly the elements a one-process initialisation gives — the full model
+is the same bit for bit whatever the Plan. A sharded parameter's full value is made on the host one tensor at a time
+and the rank keeps its slice (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no communication):
+the host's peak is the largest single tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from distgpt.model.gpt import GPT, initial_value
+
+WRAPPERS = ("_checkpoint_wrapped_module.", "module.")
+"""Name parts wrappers insert (activation recomputation, DDP); FSDP2 and DTensor TP keep names."""
+
+
+def is_meta(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters have no storage yet (built under ``torch.device('meta')``)."""
+    return any(p.is_meta for p in module.parameters())
+
+
+def one_process_name(name: str) -> str:
+    """The name a one-process GPT gives this parameter (layer keys are global indices already)."""
+    for part in WRAPPERS:
+        name = name.replace(part, "")
+    return name
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Storage on ``device`` for the parameters ``module`` holds, filled with their one-process initial values
+    (for a DTensor, only this rank's shard); position tables recomputed."""
+    shared = _shared_names(module)
+    module.to_empty(device=device)
+    _retie(module, shared)
+    gpts = [m for m in module.modules() if isinstance(m, GPT)]
+    cfg = gpts[0].cfg
+    for name, p in module.named_parameters():
+        full = initial_value(cfg, one_process_name(name), tuple(p.shape), seed)
+        if isinstance(p, DTensor):
+            shard = distribute_tensor(full.to(device), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+        else:
+            p.copy_(full)
+    for gpt in gpts:
+        gpt.reset_buffers()
+    return module
+
+
+def _shared_names(module: nn.Module) -> list[list[str]]:
+    """Groups of names under which one Parameter appears (a tied head)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(module: nn.Module, shared: list[list[str]]) -> None:
+    """Make each group one Parameter again: ``to_empty`` gives every module its own new tensor (FSDP2 and
+    ``replicate`` keep their shared parameters shared; plain modules do not)."""
+    for first, *rest in shared:
+        keep = module.get_parameter(first)
+        for name in rest:
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            if getattr(sub, attr) is not keep:
+                setattr(sub, attr, keep)
