@@ -2,7 +2,8 @@
 directory or an export — instead of random weights.
 
 The weights are read whole into the freshly built model before ``parallelize`` shards it, so they land in any Plan
-(every rank builds the whole model once today; see the "real model sizes" issue). The optimizer and the schedule
+(a run without ``init.from`` builds on the meta device and each rank makes only its part; this path still reads the
+trained model whole on every rank). The optimizer and the schedule
 start fresh. A model whose shape differs from the job's ``[model]`` is refused naming both shapes, except the
 vocabulary, which may grow (chat markers, tokens of a new language): new embedding rows (and untied head rows) start
 at the mean of the existing ones, so a new token begins as an "average" token rather than as noise that would
