@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import statistics
 import time
 
 import torch
@@ -88,15 +90,77 @@ def distgpt_plan(job, steps: int) -> tuple[float, list]:
     return time.perf_counter() - t0, [trainer.engine.modules, trainer.engine.optimizer]
 
 
+T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26, 12: 2.20, 15: 2.14,
+       20: 2.09, 30: 2.05}
+"""Student's t, 97.5% quantile, by sample count (n − 1 degrees of freedom); 2.0 beyond the table."""
+
+
+def ratio_interval(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(geometric-mean ratio reference time / distgpt time, 95% half-width as a fraction) over paired rounds."""
+    logs = [math.log(ref / ours) for ref, ours in pairs]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), float("inf")
+    t = next((v for n, v in sorted(T95.items()) if n >= len(logs)), 2.0)
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(half) - 1
+
+
+def paired(job, ref: str, steps: int, rounds: tuple[int, int], target: float) -> dict:
+    """Blocks of ``steps`` steps of the hand-written ``ref`` and of distgpt, alternating (ABBA) in the same
+    processes, until the ratio's 95% interval is within ``target`` (at least rounds[0], at most rounds[1])."""
+    from distgpt.bench.handwritten import REFERENCES
+    from distgpt.train.trainer import Trainer
+
+    theirs = REFERENCES[ref](job)
+    ours = Trainer(job, log=lambda s: None).train_step
+    for _ in range(WARMUP):
+        theirs()
+        ours()
+
+    def block(step, n: int) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    if steps <= 0:  # blocks of about 1.5 s: a slow strategy (TP on gloo) gets fewer steps per block, not fewer rounds
+        took = torch.tensor(block(ours, 2) / 2)
+        dist.broadcast(took, 0)
+        steps = max(2, round(1.5 / took.item()))
+
+    pairs: list[tuple[float, float]] = []
+    while True:
+        first, second = (theirs, ours) if len(pairs) % 2 == 0 else (ours, theirs)
+        a, b = block(first, steps), block(second, steps)
+        pairs.append((a, b) if first is theirs else (b, a))
+        ratio, half = ratio_interval(pairs)
+        done = torch.tensor(int(len(pairs) >= rounds[1] or (len(pairs) >= rounds[0] and half <= target)))
+        dist.broadcast(done, 0)  # every rank stops together, on rank 0's clock
+        if done.item():
+            return {"pairs": pairs, "ratio": ratio, "half_width": half, "steps": steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("job")
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--pair", help="hand-written reference to alternate with distgpt (bench/handwritten.py)")
+    ap.add_argument("--rounds", type=int, nargs=2, default=(6, 40), help="min and max paired rounds")
+    ap.add_argument("--target", type=float, default=0.03, help="stop once the 95%% half-width is within this")
     args, overrides = ap.parse_known_args()
     init_distributed()
     job = load_job(args.job, overrides)
+    if args.pair:
+        report = paired(job, args.pair, args.steps, tuple(args.rounds), args.target)
+        if dist.get_rank() == 0:
+            with open(f"{args.out}.rank0", "w") as f:
+                json.dump(report, f)
+        return
     elapsed, (modules, opt) = (plain_ddp if args.plain else distgpt_plan)(job, args.steps)
     modules = modules if isinstance(modules, list) else [modules]
     tokens = job.train.global_batch_size * job.seq_len * args.steps

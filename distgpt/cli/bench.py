@@ -16,10 +16,10 @@ def trainer(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def parallel(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Every parallel strategy vs a plain torchrun DDP script."""
+    """Every parallel strategy vs a hand-written script of the same strategy."""
     from distgpt.bench.parallel_bench import run
 
-    return run(args.job, overrides, args.steps, args.json, args.only)
+    return run(args.job, overrides, args.steps, args.json, args.only, tuple(args.rounds), args.target)
 
 
 def hardware(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -158,7 +158,10 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     _job("jobs/bench-parallel.toml")(p)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=0, help="steps per timed block (default: about 1.5 s of steps)")
+    p.add_argument("--rounds", type=int, nargs=2, default=(6, 40), metavar=("MIN", "MAX"),
+                   help="paired rounds per strategy (default 6 40)")
+    p.add_argument("--target", type=float, default=0.03, help="stop once the ratio's 95%% interval is this narrow")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--only", action="append", help="run strategies whose name contains this (repeatable)")
 
@@ -191,8 +194,8 @@ COMMANDS = [
             autoscale, _autoscale_args),
     Command(("bench", "tune"), "distgpt tune (≤ 8 trials) vs measuring every runnable plan", tune_bench,
             _tune_args),
-    Command(("bench", "parallel"), "tokens/s and memory per rank of each strategy vs plain torchrun DDP", parallel,
-            _parallel_args),
+    Command(("bench", "parallel"), "each strategy vs a hand-written script of the same strategy, interleaved to ±3%",
+            parallel, _parallel_args),
     Command(("bench", "init"), "set-up memory per rank (gpt2-1.3b / 6.7b widths): meta-device init vs whole model",
             init_bench),
     Command(("bench", "hardware"), "measure this machine's workers into a planner profile", hardware,

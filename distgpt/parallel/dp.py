@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distgpt.parallel import ds_state
-from distgpt.parallel.engine import LocalEngine, Objective, dp_sum
+from distgpt.parallel.engine import LocalEngine, Objective
 from distgpt.parallel.mesh import ParallelMesh, ensure_process_group
 
 
@@ -125,7 +125,7 @@ class DeepSpeedEngine(LocalEngine):
             total += piece.detach().float()
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else 0.0, dtype=torch.float32)
-        return dp_sum(total, self.mesh) / denom, norm
+        return self.global_loss(total, denom), norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered from its ZeRO-3 partitions where needed, on every rank."""

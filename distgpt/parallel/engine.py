@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 
 from distgpt.data.batch import Batch
 from distgpt.parallel import naming
@@ -42,15 +43,37 @@ def grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None) ->
     """Global L2 norm of the gradients of ``params``: DTensor shards reduced over their mesh, then summed over
     pipeline stages. ``params`` must hold each logical parameter once (tied copies excluded by the caller)."""
     sq = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad
-        n = g.norm(dtype=torch.float32)
-        sq = sq + (n.full_tensor() if isinstance(n, DTensor) else n) ** 2
+    grads = [p.grad for p in params if p.grad is not None]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:  # one fused kernel over all plain gradients (as clip_grad_norm_ does)
+        sq = sq + _sum_sq(plain)
+    sq = sq + _sharded_sum_sq([g for g in grads if isinstance(g, DTensor)])
     if pp_group is not None:
         dist.all_reduce(sq, group=pp_group)
     return sq.sqrt()
+
+
+def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+
+def _sharded_sum_sq(grads: list[DTensor]) -> torch.Tensor:
+    """Σ‖g‖² over DTensor gradients with one all-reduce per sharded mesh dimension, not one per tensor: local
+    shards' squares summed per (mesh, sharded dims), then summed over those dims' groups (a replicated dim holds
+    the same values on every rank, so it is not summed). A Partial gradient is made whole first."""
+    by_layout: dict[tuple[int, tuple[int, ...]], tuple[DeviceMesh, list[torch.Tensor]]] = {}
+    for g in grads:
+        if any(pl.is_partial() for pl in g.placements):
+            g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
+        dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())  # Shard, _StridedShard
+        by_layout.setdefault((id(g.device_mesh), dims), (g.device_mesh, []))[1].append(g.to_local())
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for (_, dims), (mesh, local) in by_layout.items():
+        sq = _sum_sq(local)
+        for d in dims:
+            dist.all_reduce(sq, group=mesh.get_group(d))
+        total = total + sq
+    return total
 
 
 def align_grad_layouts(params: list[nn.Parameter]) -> None:
@@ -65,8 +88,11 @@ def align_grad_layouts(params: list[nn.Parameter]) -> None:
 def clip_(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
     """Scale gradients so their global norm is at most ``max_norm`` (same rule as clip_grad_norm_)."""
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    plain = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, coef.to(plain[0].device))
     for p in params:
-        if p.grad is not None:
+        if isinstance(p.grad, DTensor):
             p.grad.mul_(coef.to(p.grad.device))
 
 
@@ -95,6 +121,7 @@ class Engine:
         self.shares, self.micro = shares, micro
         self.objective = objective
         self.autocast = precision_context(mesh.plan, mesh.device)
+        self._in_flight: list[Any] = []  # the last step's loss all-reduce, still running (see ``global_loss``)
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -128,10 +155,28 @@ class Engine:
 
     def global_normaliser(self, batch: Batch) -> torch.Tensor:
         """D: the objective's normaliser summed over the whole global batch (one scalar all-reduce)."""
-        return dp_sum(self.objective.normaliser(batch), self.mesh)
+        denom = dp_sum(self.objective.normaliser(batch), self.mesh)
+        self.settle()  # collectives complete in order: the last step's loss is in already, so this waits for nothing
+        return denom
+
+    def global_loss(self, local_sum: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+        """Σ_r N_r / D, summed over the replicas *without waiting*: the all-reduce runs while the next step starts,
+        so a step has one synchronising collective of its own (D), not two. Read the value after ``settle()``."""
+        out = (local_sum.detach().float().to(self.mesh.device) / denom)
+        group = self.mesh.group("dp")
+        if group is not None:
+            self._in_flight.append(dist.all_reduce(out, group=group, async_op=True))
+        return out
+
+    def settle(self) -> None:
+        """Wait for the losses still being reduced (before they are read)."""
+        for work in self._in_flight:
+            work.wait()
+        self._in_flight.clear()
 
     def train_step(self, batch: Batch, lr: float, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's batch; returns (the objective over the global batch, gradient norm)."""
+        """One optimizer step on this rank's batch; returns (the objective over the global batch, gradient norm).
+        The loss may still be being summed over the replicas: read it after ``settle()``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -175,7 +220,7 @@ class LocalEngine(Engine):
             clip_(params, clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return dp_sum(total, self.mesh) / denom, norm
+        return self.global_loss(total, denom), norm
 
     @torch.no_grad()
     def eval_sums(self, batch):

@@ -29,7 +29,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from distgpt.data.batch import Batch
 from distgpt.model.gpt import GPT
-from distgpt.parallel.engine import Engine, Objective, _local, align_grad_layouts, clip_, dp_sum, grad_norm
+from distgpt.parallel.engine import Engine, Objective, _local, align_grad_layouts, clip_, grad_norm
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.naming import unwrap
 from distgpt.parallel.tp import loss_context
@@ -163,7 +163,7 @@ class PipelineEngine(Engine):
             clip_(params, clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return dp_sum(self._stage_value(local), self.mesh) / denom, norm
+        return self.global_loss(self._stage_value(local), denom), norm
 
     @torch.no_grad()
     def eval_sums(self, batch):

@@ -168,7 +168,8 @@ class Trainer:
         self.step, self.replay = self.saves.resume(self.engine, self.loader)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over a global batch; returns (the objective's loss, grad norm) as 0-d tensors."""
+        """One optimizer step over a global batch; returns (the objective's loss, grad norm) as 0-d tensors. The
+        loss may still be being summed over the replicas: ``self.engine.settle()`` before reading it."""
         t = self.job.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         batch = self.objective.make_batch(self.loader.next_columns())
@@ -267,6 +268,7 @@ class Trainer:
                     self._record(sink, rec)
         bar.update(1)
         if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            self.engine.settle()  # the last step's loss may still be being summed over the replicas
             result.losses += [float(x) for x in self._pending]
             self._pending = []
             if sink:
