@@ -154,7 +154,14 @@ class Engine:
             yield batch.rows(slice(s, s + self.micro)).to(self.mesh.device)
 
     def global_normaliser(self, batch: Batch) -> torch.Tensor:
-        """D: the objective's normaliser summed over the whole global batch (one scalar all-reduce)."""
+        """D: the objective's normaliser summed over the whole global batch — known without communication where
+        the objective says so (``known_normaliser``), else one scalar all-reduce."""
+        known = getattr(self.objective, "known_normaliser", None)
+        value = known(batch, sum(self.shares)) if known is not None else None
+        if value is not None:
+            if len(self._in_flight) > 64:  # nothing has read the losses for a while: collect the finished reductions
+                self.settle()
+            return torch.tensor(value, device=self.mesh.device)
         denom = dp_sum(self.objective.normaliser(batch), self.mesh)
         self.settle()  # collectives complete in order: the last step's loss is in already, so this waits for nothing
         return denom

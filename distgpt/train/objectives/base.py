@@ -70,3 +70,10 @@ class Objective:
         if batch.loss_mask is None:
             return torch.tensor(float(batch.targets.numel()))
         return batch.loss_mask.sum().float()
+
+    def known_normaliser(self, batch: Batch, global_rows: int) -> float | None:
+        """D of the whole global batch when one rank can know it alone — no mask, so every target of every row
+        counts — which spares the step's all-reduce of D before the backward pass; None when it must be summed."""
+        if batch.loss_mask is None and type(self).normaliser is Objective.normaliser:
+            return float(global_rows * batch.targets.shape[1])
+        return None
