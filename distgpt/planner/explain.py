@@ -7,7 +7,7 @@ from dataclasses import replace
 from distgpt.planner.cost import Workload
 from distgpt.planner.evaluate import Candidate
 from distgpt.planner.inventory import Inventory
-from distgpt.planner.search import SearchResult, search
+from distgpt.planner.search import TP_DEGREES, SearchResult, search
 
 GB = 1e9
 
@@ -69,7 +69,24 @@ def explain(c: Candidate, inv: Inventory, w: Workload, others: list[Candidate] =
     out.append(f"- Step {total:.3f} s: {parts}. Bottleneck: {c.bottleneck.replace('_', ' ')}.")
     margins = ", ".join(f"{k} {1 - c.memory[k] / c.capacity[k]:.0%} free" for k in c.memory)
     out.append(f"- Memory margin to OOM: {margins}.")
+    hint = _vocab_blocks_tp(w, inv)
+    if hint:
+        out.append(hint)
     return "\n".join(out)
+
+
+def _vocab_blocks_tp(w: Workload, inv: Inventory) -> str | None:
+    """A line when tensor parallelism was never considered because the vocabulary does not split (the embedding
+    and LM head are split by vocabulary rows): GPT-2's 50,257 tokens split no way at all."""
+    v = w.model.vocab_size
+    room = max(g.count for g in inv.groups)  # devices per node: TP stays inside a node
+    blocked = [t for t in TP_DEGREES if 1 < t <= room and w.model.n_head % t == 0 and v % t]
+    if not blocked:
+        return None
+    padded = -(-v // 64) * 64
+    return (f"- tp={'/'.join(map(str, blocked))} not considered: vocab_size {v} does not divide by it (TP splits "
+            f"the vocabulary) — set model.vocab_size = {padded} (a multiple of 64, as Megatron-LM pads) to let "
+            f"the planner weigh tensor parallelism.")
 
 
 def nothing_fits(res: SearchResult, inv: Inventory, w: Workload) -> str:

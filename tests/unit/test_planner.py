@@ -13,7 +13,7 @@ from distgpt.planner import cost
 from distgpt.planner.calibrate import DeviceProfile, device_models, load_measured, load_profile, save_profile
 from distgpt.planner.cost import DeviceModel, Workload
 from distgpt.planner.evaluate import Evaluator, predict
-from distgpt.planner.explain import nothing_fits
+from distgpt.planner.explain import explain, nothing_fits
 from distgpt.planner.hardware import CATALOG, device_type
 from distgpt.planner.inventory import InventoryError, inventory_from_dict, load_inventory
 from distgpt.planner.plan import Plan
@@ -239,3 +239,15 @@ def test_paired_bench_ratio_and_its_interval():
     assert ratio == pytest.approx((0.9 * 1.1) ** 0.5) and half > 0.5  # two rounds, t = 12.7
     steady = ratio_interval([(0.95, 1.0), (0.96, 1.0)] * 10)
     assert steady[0] == pytest.approx(0.955, abs=1e-3) and steady[1] < 0.01
+
+
+def test_explanation_says_when_the_vocabulary_keeps_tensor_parallelism_out():
+    cluster = inv({"device": "A100-40GB", "count": 8, "replicas": 2})
+    w = Workload(B13, 64, 2048, "bf16")  # GPT-2's 50,257 tokens: no tp degree divides them
+    top = search(w, cluster).ranked
+    assert all(c.plan.tp == 1 for c in top)
+    text = explain(top[0], cluster, w, top[1:])
+    assert "tp=2/4/8 not considered: vocab_size 50257" in text and "model.vocab_size = 50304" in text
+    padded = replace(w, model=replace(B13, vocab_size=50304))
+    res = search(padded, cluster)
+    assert "not considered" not in explain(res.ranked[0], cluster, padded, res.ranked[1:])
