@@ -130,5 +130,5 @@ def test_reward_clearly_rises_on_the_shipped_arithmetic_task(ray_cluster, tmp_pa
     last = sum(recs[s]["reward_mean"] for s in range(21, 31)) / 10
     evals = {json.loads(line)["step"]: json.loads(line)["accuracy"]
              for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line}
-    assert last >= first + 0.1, (first, last)
+    assert last >= first + 0.1, (first, last, evals)
     assert evals[30] > evals[0], evals
