@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+from distgpt.bench.parallel_bench import _port
 from distgpt.model.presets import param_count, preset
 from distgpt.planner.plan import Plan
 
 PLAN = Plan(dp=2, pp=2, dp_engine="fsdp", micro_batch_size=2)
 SHAPES = (("gpt2-1.3b", 4), ("6.7b", 2))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(mode: str, name: str, layers: int, plan: Plan = PLAN) -> list[dict]:
@@ -45,8 +40,6 @@ def measure(mode: str, name: str, layers: int, plan: Plan = PLAN) -> list[dict]:
 
 def run(shapes=SHAPES) -> int:
     """Measure every shape in both modes (meta first: it is the lighter) and print the table."""
-    from dataclasses import replace
-
     gib = 2**30
     print(f"plan: {PLAN.describe()} on {PLAN.world_size} ranks; peak host memory growth during set-up, largest rank")
     print(f"{'shape':<22}{'whole model':>12}{'mode':>7}{'peak growth':>13}{'kept':>9}{'set-up s':>10}")
