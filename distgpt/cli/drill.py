@@ -39,7 +39,8 @@ def chaos_drill(args: argparse.Namespace, overrides: list[str]) -> int:
     job = load_job(args.job, overrides)
     ensure_prepared(job)
     print(f"ray: {connect(args.address or job.cluster.address, job.cluster.embedded_cpus)}")
-    report = run_chaos(job, args.faults, args.seed)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    report = run_chaos(job, args.faults, args.seed, kinds=kinds)
     print("\n".join(report.lines()))
     if not report.ok:
         raise RunFailed("chaos drill: the run with faults did not end where the run without them did")
@@ -51,10 +52,15 @@ def _chaos_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faults", type=int, default=10, help="how many faults (default 10)")
     p.add_argument("--seed", type=int, default=0, help="draws the faults' steps, ranks and kinds")
     p.add_argument("--address", default="", help="Ray cluster (default: $RAY_ADDRESS, else an embedded one)")
+    p.add_argument("--kinds", default="kill,hang,preempt",
+                   help="faults to draw from: kill, hang, preempt, remove (default kill,hang,preempt). 'remove' "
+                        "SIGKILLs a worker node's raylet — the node leaves the Ray cluster until it is started again "
+                        "(an autoscaler replaces it); never the driver's node")
 
 
 COMMANDS = [Command(("drill", "storage"), "fail the checkpoint store on purpose (503s, resets, an outage) while a "
                     "short run saves and resumes; checks nothing is lost", storage_drill, _arguments,
                     group_help="failure drills"),
-            Command(("drill", "chaos"), "a run with random kills, hangs and a preemption against the same run "
-                    "without: equal parameters, losses and samples", chaos_drill, _chaos_arguments)]
+            Command(("drill", "chaos"), "a run with random kills, hangs, a preemption (and, asked for, a node "
+                    "removal) against the same run without: equal parameters, losses and samples", chaos_drill,
+                    _chaos_arguments)]

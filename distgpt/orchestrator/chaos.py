@@ -1,17 +1,20 @@
 """``distgpt drill chaos``: one run with many faults at random steps and ranks, against the same run without any.
 
 Faults are drawn (seeded) from ``kill`` (SIGKILL of a rank's actor), ``hang`` (a rank stops in a step: the
-watchdog's case) and ``preempt`` (a preemption notice for a rank's node: checkpoint, let the node go, re-plan without
-it), each at a distinct step and a random rank. At most one preemption, and it comes last: it changes the Plan and
-takes a node out of the run for good, and the faults before it are drawn for the first Plan's ranks.
+watchdog's case), ``preempt`` (a preemption notice for a rank's node: checkpoint, let the node go, re-plan without
+it) and, when asked for (``--kinds``), ``remove`` (a rank's node dies without notice: its raylet is SIGKILLed, Ray
+marks it dead after missed health checks, the run re-plans without it), each at a distinct step and a random rank.
+Preemption and removal each come at most once, and last (in the order drawn): they change the Plan and take a node
+out for good, and the faults before them are drawn for the first Plan's ranks; there are at most as many of them as
+nodes with worker slots less one (something must be left to re-plan onto).
 
 Without a re-plan both runs use the same Plan, so the faulty one must end **bitwise** equal: the same final
 parameters, the same loss at every step, the same global samples at every step (each consumed exactly once — the
 digest a trainer records per step). After a re-plan the arithmetic is reduced in another order, so parameters and
 losses must be equal within the parity tolerance of ``tests/distributed`` (rtol 1e-4, atol 1e-6), and the samples
 still exactly. Printed: each fault, each recovery with the time it cost (detection to the next completed step), and
-the comparison. Node removal (a node that dies without notice) is drilled by the orchestrator tests
-(``test_node_loss_replans_onto_the_remaining_nodes``), not here: on a real cluster it would take a node down.
+the comparison. Node removal is opt-in because on a real cluster it takes the node out of Ray until its raylet is
+started again (an autoscaler replaces it); it is never the driver's node, which hosts the controller.
 """
 
 from __future__ import annotations
@@ -31,22 +34,29 @@ from distgpt.orchestrator.driver import run_on_ray
 from distgpt.orchestrator.status import RunSummary
 
 KINDS = ("kill", "hang", "preempt")
+"""Drawn by default; ``remove`` is also drawn when asked for."""
+ALL_KINDS = ("kill", "hang", "preempt", "remove")
+REPLANS = ("preempt", "remove")
+"""Faults that take a node out of the run (the run re-plans without it)."""
 RTOL, ATOL = 1e-4, 1e-6
 """The parity tolerance (tests/distributed) a re-planned run is held to."""
 
 
-def draw_faults(n: int, steps: int, world: int, seed: int, kinds: tuple[str, ...] = KINDS) -> list[str]:
+def draw_faults(n: int, steps: int, world: int, seed: int, kinds: tuple[str, ...] = KINDS,
+                replans: int = 1) -> list[str]:
     """``n`` fault specs (``kind@STEP:RANK``) at distinct steps in 1 .. steps-1, ranks and kinds drawn at random;
-    at most one preemption, moved to the last step drawn."""
+    each node-losing kind (preempt, remove) at most once and at most ``replans`` of them, moved to the last steps
+    drawn, in the order they were first drawn."""
     if not 0 < n < steps:
         raise ConfigError([f"--faults: need 1 ≤ faults < train.max_steps ({steps}), got {n}"], "drill chaos")
     rng = random.Random(seed)
     at = sorted(rng.sample(range(1, steps), n))
     drawn = [(rng.choice(kinds), rng.randrange(world)) for _ in at]  # kind, rank per step: the order seeds rely on
-    if any(k == "preempt" for k, _ in drawn):
-        others = [x for x in kinds if x != "preempt"] or ["kill"]
-        drawn = [(others[i % len(others)] if k == "preempt" else k, r) for i, (k, r) in enumerate(drawn)]
-        drawn[-1] = ("preempt", drawn[-1][1])
+    last = list(dict.fromkeys(k for k, _ in drawn if k in REPLANS))[:max(0, min(replans, n))]
+    others = [x for x in kinds if x not in REPLANS] or ["kill"]
+    drawn = [(others[i % len(others)] if k in REPLANS else k, r) for i, (k, r) in enumerate(drawn)]
+    for j, k in enumerate(last):  # the node-losing ones last, each on the rank drawn for its step
+        drawn[len(drawn) - len(last) + j] = (k, drawn[len(drawn) - len(last) + j][1])
     return [f"{k}@{s}:{r}" for (k, r), s in zip(drawn, at, strict=True)]
 
 
@@ -84,16 +94,11 @@ class ChaosReport:
         return out
 
 
-def run_chaos(job: JobConfig, n: int, seed: int, log=print) -> ChaosReport:
+def run_chaos(job: JobConfig, n: int, seed: int, log=print, kinds: tuple[str, ...] = KINDS) -> ChaosReport:
     """The reference run, then the faulty one (each in its own out_dir and checkpoint root under the job's)."""
-    from distgpt.orchestrator.inventory import ray_nodes
-
     steps, world = job.train.max_steps, job.plan.world_size
-    kinds = KINDS
-    if len(ray_nodes(job.cluster.cpus_per_worker)) < 2:  # a preempted only node leaves nothing to re-plan onto
-        kinds = tuple(k for k in KINDS if k != "preempt")
-        log("[chaos] one node with worker slots: no preemption drawn (it would leave nothing to re-plan onto)")
-    faults = draw_faults(n, steps, world, seed, kinds)
+    kinds, replans = _possible(kinds, job.cluster.cpus_per_worker, log)
+    faults = draw_faults(n, steps, world, seed, kinds, replans)
     if not job.checkpoint.interval:
         raise ConfigError(["checkpoint.interval: the chaos drill needs checkpoints (e.g. --checkpoint.interval=2)"],
                           "drill chaos")
@@ -120,6 +125,29 @@ def run_chaos(job: JobConfig, n: int, seed: int, log=print) -> ChaosReport:
     return ChaosReport(faults, ref, hurt, _same_weights(ref_dir, hurt_dir, *tol),
                        sorted(a) == sorted(b) and all(close(b[s]["loss"], a[s]["loss"]) for s in a),
                        sorted(a) == sorted(b) and all(a[s]["samples"] == b[s]["samples"] for s in a), replanned)
+
+
+def _possible(kinds: tuple[str, ...], cpus_per_worker: float, log) -> tuple[tuple[str, ...], int]:
+    """The kinds this cluster can drill and how many node-losing faults it can take (nodes with slots less one;
+    a removal also needs a node other than the driver's, which hosts the controller)."""
+    import ray
+
+    from distgpt.orchestrator.inventory import ray_nodes
+
+    bad = sorted(set(kinds) - set(ALL_KINDS))
+    if bad or not kinds:
+        raise ConfigError([f"--kinds: {', '.join(bad) or 'none given'} — choose from {', '.join(ALL_KINDS)}"],
+                          "drill chaos")
+    nodes = ray_nodes(cpus_per_worker)
+    here = ray.get_runtime_context().get_node_id()
+    if "remove" in kinds and not any(node.node_id != here for node in nodes):
+        kinds = tuple(k for k in kinds if k != "remove")
+        log("[chaos] no node with worker slots besides the driver's: no node removal drawn (the driver's node hosts "
+            "the controller)")
+    if len(nodes) < 2 and any(k in REPLANS for k in kinds):  # losing the only node leaves nothing to re-plan onto
+        kinds = tuple(k for k in kinds if k not in REPLANS)
+        log("[chaos] one node with worker slots: no preemption or node removal drawn (nothing left to re-plan onto)")
+    return kinds or ("kill",), max(0, len(nodes) - 1)
 
 
 def step_records(out: Path) -> dict[int, dict]:

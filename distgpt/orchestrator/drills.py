@@ -6,7 +6,10 @@ step STEP + 1 (a real crash, no clean-up); ``hang@STEP:RANK`` — it stops, so i
 until the watchdog fires; ``oom@STEP:RANK`` — it raises torch's OutOfMemoryError (a training error);
 ``slow@STEP:RANK`` — it sleeps before every step from STEP on (a straggler); ``preempt@STEP:RANK`` — a preemption
 notice for that rank's node: every rank checkpoints after STEP, then drains until the controller lets the node go and
-re-plans without it. Each fault fires once per run: a restarted group is not armed with it again.
+re-plans without it; ``remove@STEP:RANK`` — that rank's node dies without notice: the rank SIGKILLs its node's
+raylet before step STEP + 1, so every process of the node goes and Ray marks the node dead after its missed health
+checks (never the controller's node: the worker group moves the fault to a rank elsewhere). Each fault fires once per
+run: a restarted group is not armed with it again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from typing import Any
 
 from distgpt.recovery.faults import SLOW_S, WORKER_FAULTS, Fault
 from distgpt.recovery.policy import Failure, FailureKind
+
+_FIRED_AS = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang", FailureKind.TRAINING_ERROR: "oom",
+             FailureKind.NODE_LOST: "remove"}
+"""The failure each rank-fired fault is usually seen as."""
 
 Notice = tuple[int, int, str]
 """A preemption notice: (checkpoint step, rank, node id)."""
@@ -38,10 +45,16 @@ class ControllerDrills:
             group.arm(armed)
 
     def fired(self, failure: Failure) -> None:
-        """A kill, hang or OOM fired (one per attempt: the group dies with it): do not arm it again."""
-        kind = {FailureKind.WORKER_DIED: "kill", FailureKind.HANG: "hang",
-                FailureKind.TRAINING_ERROR: "oom"}.get(failure.kind)
-        fault = next((f for f in self.faults if f.kind == kind), None)
+        """A kill, hang, OOM or node removal fired (one per attempt: the group dies with it): do not arm it again.
+
+        Which one is the earliest still pending at or before the failure's step (faults fire in step order, and
+        one not yet reached lies after it) — not the failure's kind: a node removal the watchdog sees first is a
+        hang. Failing that (the failure seen before the step was reported), the earliest of the failure's kind."""
+        if failure.kind not in _FIRED_AS:
+            return
+        pending = [f for f in self.faults if f.kind in _FIRED_AS.values()]
+        fault = next((f for f in pending if f.step <= failure.step), None)
+        fault = fault or next((f for f in pending if f.kind == _FIRED_AS[failure.kind]), None)
         if fault is not None:
             self.faults.remove(fault)
 
@@ -86,11 +99,14 @@ class RankDrills:
 
                 raise torch.OutOfMemoryError(f"injected fault: out of memory on rank {self.rank} before step "
                                              f"{step + 1} (cluster.inject)")
-            if f.step == step and f.rank == self.rank and f.kind in ("kill", "hang"):
-                self.log(f"injected fault: {f.kind} on rank {self.rank} before step {step + 1}")
+            if f.step == step and f.rank == self.rank and f.kind in ("kill", "hang", "remove"):
+                what = "removal of its node" if f.kind == "remove" else f.kind
+                self.log(f"injected fault: {what} on rank {self.rank} before step {step + 1}")
                 time.sleep(0.3)  # let the controller's next poll carry the line out
                 if f.kind == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if f.kind == "remove":
+                    os.kill(node_daemon_pid(), signal.SIGKILL)  # the node's processes, this one too, go with it
                 time.sleep(3600.0)
 
     def checkpoint_due(self, step: int) -> bool:
@@ -100,3 +116,33 @@ class RankDrills:
     def _draining(self, step: int) -> bool:
         notices = [self.checkpoint_step] + [f.step for f in self.faults if f.kind == "preempt"]
         return any(0 <= at < step for at in notices)
+
+
+def away_from(faults: list[Fault], nodes: dict[int, str], keep: str) -> list[Fault]:
+    """``faults`` with each node removal moved off ``keep`` (the controller's node: taking it down would end the run,
+    not drill a recovery) and onto a rank of the current group (ranks drawn for an earlier, larger Plan wrap round):
+    the first rank from the drawn one on whose node the controller does not run."""
+    out, world = [], len(nodes)
+    for f in faults:
+        if f.kind == "remove" and world:
+            rank = next((r % world for r in range(f.rank, f.rank + world) if nodes.get(r % world) != keep), None)
+            if rank is None:
+                raise ValueError(f"injected fault remove@{f.step}:{f.rank}: every rank runs on the controller's node, "
+                                 "which the drill must not take down — add a node with worker slots")
+            f = Fault(f.kind, f.step, rank)
+        out.append(f)
+    return out
+
+
+def node_daemon_pid() -> int:
+    """The pid of this worker's node daemon (Ray's raylet, which started the worker process); raises if the parent
+    is not one — killing anything else would not remove a node."""
+    parent = os.getppid()
+    try:
+        name = open(f"/proc/{parent}/comm").read().strip()  # noqa: SIM115 (one read of a proc file)
+    except OSError:
+        name = "?"
+    if name != "raylet":
+        raise RuntimeError(f"injected fault 'remove': this worker's parent (pid {parent}, {name!r}) is not a Ray "
+                           "raylet, so there is no node to take down (remove needs Ray workers on Linux)")
+    return parent

@@ -16,6 +16,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distgpt.config import JobConfig
+from distgpt.orchestrator.drills import away_from
 from distgpt.orchestrator.inventory import RayNode
 from distgpt.orchestrator.placement import Reserved, group_specs, reserve
 from distgpt.orchestrator.status import GroupStatus, RankStatus
@@ -123,7 +124,9 @@ class WorkerGroup:
         return Failure(kind, f"rank {', '.join(map(str, dead))}: {what}", self.last_step or 0, tuple(dead), lost)
 
     def arm(self, faults: list) -> None:
-        """Give each rank the injected faults it must fire itself."""
+        """Give each rank the injected faults it must fire itself (a node removal never on this, the controller's,
+        node)."""
+        faults = away_from(faults, self.nodes, ray.get_runtime_context().get_node_id())
         ray.get([a.arm.remote([f for f in faults if f.rank == r or f.kind == "preempt"])
                  for r, a in enumerate(self.actors)])
 

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from distgpt.errors import DistgptError
 
-KINDS = ("kill", "hang", "preempt", "oom", "slow")
+KINDS = ("kill", "hang", "preempt", "remove", "oom", "slow")
 WORKER_FAULTS = KINDS
 """All are fired by the ranks themselves at their exact step: 'kill' and 'hang' by RANK; 'preempt' by every rank
 (a preemption notice for RANK's node: all save a checkpoint after STEP, then drain until the controller stops them);
+'remove' — RANK's node dies without notice: the rank SIGKILLs its node's raylet (Ray marks the node dead once its
+health checks fail, ~15 s by default; every rank there dies with it);
 'oom' — RANK raises torch's OutOfMemoryError, as a too-large micro-batch would; 'slow' — RANK sleeps SLOW_S before
 every step from STEP on (a straggler: the run goes on, slower)."""
 SLOW_S = 0.5

@@ -34,7 +34,10 @@ class SimCluster:
         self.dashboard_port = _free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "node_ip_address": "127.0.0.1", "temp_dir": self.tmp, "include_dashboard": True,
-            "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port})
+            "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
+            # a node whose raylet dies is marked dead after 5 refused health checks 1 s apart (default 3 s apart:
+            # ~16 s); a slow raylet still has the default 10 s per check, so a busy machine loses no node
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}})
         self.nodes = {name: self.add(**spec) for name, spec in NODES.items()}
         ray.init(address=self.cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
 
