@@ -30,7 +30,10 @@ def apply_ddp(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     if group is None:
         return model
     ids = [mesh.device.index] if mesh.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=group)
+    # Gradients as views of the all-reduce buckets: one copy of them, not two (the planner's memory model counts
+    # one), and no copy into the buckets after each backward.
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=group,
+                                               gradient_as_bucket_view=True)
 
 
 def apply_replicate(model: nn.Module, mesh: ParallelMesh) -> nn.Module:

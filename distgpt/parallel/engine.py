@@ -112,6 +112,29 @@ def precision_context(plan, device: torch.device) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def training_state_bytes(modules: list[Any], optimizer: Any) -> int:
+    """Bytes this rank holds for training state: its parameters (their local shard), their gradients (DDP's
+    buckets, when the gradients are views of them) and the optimizer's state — what the planner's
+    ``cost.state_bytes`` predicts. Counted by storage, so a tied weight or a view of a flat buffer counts once."""
+    tensors: list[torch.Tensor] = []
+    for m in modules:
+        for p in m.parameters():
+            tensors += [p, p.grad] if p.grad is not None else [p]
+    base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
+    for group in base.param_groups:
+        tensors += [p for p in group["params"]]
+    for state in base.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]  # not Adam's step
+    seen: dict[int, int] = {}
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.device.type != "meta":
+            storage = local.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+
 class Engine:
     """Common interface; ``LocalEngine`` covers one process, DDP, FSDP2 and tensor parallelism."""
 
@@ -122,6 +145,16 @@ class Engine:
         self.objective = objective
         self.autocast = precision_context(mesh.plan, mesh.device)
         self._in_flight: list[Any] = []  # the last step's loss all-reduce, still running (see ``global_loss``)
+        self.state_bytes: int | None = None
+        """This rank's training state, measured at the first step's peak (``training_state_bytes``)."""
+
+    def step_optimizer(self) -> None:
+        """Apply the step and free the gradients; on the first, measure the training state while the gradients
+        and the optimizer's moments are both held (the step's peak)."""
+        self.optimizer.step()
+        if self.state_bytes is None:
+            self.state_bytes = training_state_bytes(self.modules, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -225,8 +258,7 @@ class LocalEngine(Engine):
         norm = grad_norm(params, None)
         if clip > 0:
             clip_(params, clip, norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_optimizer()
         return self.global_loss(total, denom), norm
 
     @torch.no_grad()

@@ -161,8 +161,7 @@ class PipelineEngine(Engine):
         norm = grad_norm(counted, self.mesh.group("pp"))
         if clip > 0:
             clip_(params, clip, norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step_optimizer()
         return self.global_loss(self._stage_value(local), denom), norm
 
     @torch.no_grad()

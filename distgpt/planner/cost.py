@@ -142,12 +142,15 @@ def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
 
 
 def stage_params(m: GPTConfig, n_layers: int, first: bool, last: bool, tp: int, pp: int) -> float:
-    """Parameters one device of a stage holds (matrices split t ways; a tied head is a second copy when p > 1)."""
-    n = n_layers * layer_params(m) / tp
+    """Parameters one device of a stage holds (matrices and the column-split biases cut t ways; LayerNorms and the
+    row-split layers' biases whole on every tensor-parallel rank; a tied head is a second copy when p > 1)."""
+    bias = 1 if m.bias else 0
+    whole = 2 * (m.n_embd + m.n_embd * bias) + 2 * m.n_embd * bias  # per block: 2 LayerNorms, 2 output biases
+    n = n_layers * ((layer_params(m) - whole) / tp + whole)
     if first:
         n += m.vocab_size * m.n_embd / tp + (m.block_size * m.n_embd if m.pos_encoding == "learned" else 0)
     if last:
-        n += 2 * m.n_embd
+        n += m.n_embd + m.n_embd * bias  # the final LayerNorm
         if not m.tie_embeddings or (pp > 1 and not first):
             n += m.vocab_size * m.n_embd / tp
     return n

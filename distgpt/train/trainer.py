@@ -355,6 +355,7 @@ class Trainer:
             "mfu": mfu(tps, self.gpt_cfg, self.seq_len, peak) if peak else None,
             "step_time_s": window[-1],
             "mem_gb": round(peak_memory_gb(self.device), 3),
+            "state_bytes": self.engine.state_bytes,
             "tokens_seen": self.step * t.global_batch_size * self.seq_len,
             "samples": self._sample_digest(),
         }

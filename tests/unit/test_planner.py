@@ -114,7 +114,9 @@ def test_layer_time_uses_flops_and_tp_communication():
     assert cost.layer_time(w, dev, 1, 2, False) == pytest.approx(flops / 2 / 400e12 + 4 * ar)
 
 
-def test_every_ranked_plan_fits_memory_and_is_runnable():
+def test_every_ranked_plan_is_predicted_to_fit_and_is_valid_for_the_model():
+    """The search's own promises (tests/distributed/test_ranked_plans.py trains ranked Plans and compares the
+    memory model with what a rank holds)."""
     w = Workload(B13, 64, 2048, "bf16")
     res = search(w, inv({"device": "A100-40GB", "count": 8, "replicas": 2}, {"device": "T4", "count": 4}), top=50)
     assert res.ranked
@@ -238,3 +240,12 @@ def test_explanation_says_when_the_vocabulary_keeps_tensor_parallelism_out():
     padded = replace(w, model=replace(B13, vocab_size=50304))
     res = search(padded, cluster)
     assert "not considered" not in explain(res.ranked[0], cluster, padded, res.ranked[1:])
+
+
+def test_stage_params_keep_layernorms_and_output_biases_whole_under_tp():
+    """A TP rank holds 1/t of the matrices, the QKV / MLP-up biases and the embedding, and all of each LayerNorm and
+    of the attention-out and MLP-down biases (row-parallel layers add them after the all-reduce)."""
+    c, v = GPT2.n_embd, GPT2.vocab_size
+    whole = 2 * (c + c) + 2 * c
+    expect = 12 * ((layer_params(GPT2) - whole) / 2 + whole) + v * c / 2 + GPT2.block_size * c + 2 * c
+    assert cost.stage_params(GPT2, 12, True, True, 2, 1) == expect
