@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from distgpt.model.gpt import GPT
 from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, apply_replicate, deepspeed_config
 from distgpt.parallel.engine import Engine, LocalEngine, Objective
-from distgpt.parallel.materialize import is_meta, materialize
+from distgpt.parallel.materialize import Init, WeightSource, is_meta, materialize
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.naming import drop_tied_head
 from distgpt.parallel.optim import make_optimizer, param_groups
@@ -50,7 +50,7 @@ def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
     return model
 
 
-def _data_parallel(module: GPT, mesh: ParallelMesh, seed: int) -> torch.nn.Module:
+def _data_parallel(module: GPT, mesh: ParallelMesh, init: Init) -> torch.nn.Module:
     """Wrap a (tensor-parallel) module for data parallelism as the Plan's engine says (not DeepSpeed), giving a
     meta-device module its values where this rank's part is known: after FSDP2 / replicate shard it, before DDP
     (which broadcasts real tensors as it wraps)."""
@@ -58,20 +58,22 @@ def _data_parallel(module: GPT, mesh: ParallelMesh, seed: int) -> torch.nn.Modul
     if plan.dp_engine == "fsdp" or plan.tp > 1:
         wrap = apply_fsdp(module, mesh, plan.dtype == "bf16") if plan.dp_engine == "fsdp" else \
             apply_replicate(module, mesh)
-        return _materialized(wrap, mesh, seed)
-    return apply_ddp(_materialized(module, mesh, seed), mesh)
+        return _materialized(wrap, mesh, init)
+    return apply_ddp(_materialized(module, mesh, init), mesh)
 
 
-def _materialized(module: torch.nn.Module, mesh: ParallelMesh, seed: int) -> torch.nn.Module:
-    return materialize(module, mesh.device, seed) if is_meta(module) else module
+def _materialized(module: torch.nn.Module, mesh: ParallelMesh, init: Init) -> torch.nn.Module:
+    return materialize(module, mesh.device, init) if is_meta(module) else module
 
 
-def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective, seed: int = 0) -> Engine:
+def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: Objective, seed: int = 0,
+                weights: WeightSource | None = None) -> Engine:
     """Shard ``model`` as ``mesh.plan`` says and return the engine that trains it on ``objective``.
 
-    ``model`` is either built on the meta device — then each rank gives only its part storage and the values a
-    one-process ``GPT`` seeded with ``seed`` has (``materialize.py``) — or a real model identical on every rank
-    (trained weights from ``init.from``), of which each rank keeps its part."""
+    ``model`` is either built on the meta device — then each rank gives only its part storage and values
+    (``materialize.py``): those a one-process ``GPT`` seeded with ``seed`` has, or, given ``weights``, the trained
+    ones, one tensor at a time — or a real model identical on every rank, of which each rank keeps its part."""
+    init: Init = weights if weights is not None else seed
     plan = mesh.plan
     plan.validate(model.cfg, plan.world_size, opt.global_batch)
     shares = plan.shares(opt.global_batch)
@@ -80,19 +82,19 @@ def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: O
     if not is_meta(model):
         model = model.to(mesh.device)
     if plan.dp_engine == "deepspeed":  # DeepSpeed's engine takes a real module (its own zero.Init is not used)
-        model = _materialized(model, mesh, seed)
+        model = _materialized(model, mesh, init)
         cfg = deepspeed_config(plan, micro, share // micro, opt.lr, opt.betas, opt.weight_decay, opt.grad_clip)
         return DeepSpeedEngine(_prepare_module(model, mesh), param_groups(model, opt.weight_decay), mesh, shares,
                                micro, objective, cfg)
     if plan.pp > 1:
-        return _pipeline(model, mesh, opt, shares, micro, objective, seed)
-    module = _data_parallel(_prepare_module(model, mesh), mesh, seed)
+        return _pipeline(model, mesh, opt, shares, micro, objective, init)
+    module = _data_parallel(_prepare_module(model, mesh), mesh, init)
     optimizer = make_optimizer(module, opt.lr, opt.weight_decay, opt.betas)
     return LocalEngine([module], optimizer, mesh, shares, micro, objective)
 
 
 def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[int], micro: int,
-              objective: Objective, seed: int) -> Engine:
+              objective: Objective, init: Init) -> Engine:
     plan = mesh.plan
     ranges = plan.layer_ranges(model.cfg.n_layer)
     n_chunks = len(ranges)
@@ -103,7 +105,7 @@ def _pipeline(model: GPT, mesh: ParallelMesh, opt: OptimSettings, shares: list[i
         # 'ddp' the engine averages dp gradients itself after the schedule (see pp.py)
         fsdp = plan.dp_engine == "fsdp"
         chunk = apply_fsdp(chunk, mesh, plan.dtype == "bf16", reshard_after_forward=False) if fsdp else chunk
-        chunks.append(_materialized(chunk, mesh, seed))
+        chunks.append(_materialized(chunk, mesh, init))
     container = torch.nn.ModuleList(chunks)
     optimizer = make_optimizer(container, opt.lr, opt.weight_decay, opt.betas)
     return PipelineEngine(chunks, optimizer, mesh, shares, micro, objective, model.cfg.tie_embeddings, opt.seq_len)

@@ -5,16 +5,31 @@ Each parameter's value comes from ``initial_value`` under its one-process name, 
 that name alone, so a shard is filled with exactly the elements a one-process initialisation gives — the full model
 is the same bit for bit whatever the Plan. A sharded parameter's full value is made on the host one tensor at a time
 and the rank keeps its slice (``distribute_tensor`` with ``src_data_rank=None`` slices locally, no communication):
-the host's peak is the largest single tensor, not the model.
+the host's peak is the largest single tensor, not the model. Trained weights (``init.from``) take the same path:
+``init`` is then a ``WeightSource`` that hands over one full tensor at a time, by one-process name.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distgpt.model.gpt import GPT, initial_value
+
+
+class WeightSource(Protocol):
+    """Trained weights, one tensor at a time (``train/init.py`` reads them from a model directory)."""
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full value of the one-process parameter ``name``, of ``shape``."""
+        ...
+
+
+Init = int | WeightSource
+"""What a meta-device model's values are: a run seed (a fresh initialisation) or trained weights."""
 
 WRAPPERS = ("_checkpoint_wrapped_module.", "module.")
 """Name parts wrappers insert (activation recomputation, DDP); FSDP2 and DTensor TP keep names."""
@@ -33,16 +48,18 @@ def one_process_name(name: str) -> str:
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Storage on ``device`` for the parameters ``module`` holds, filled with their one-process initial values
-    (for a DTensor, only this rank's shard); position tables recomputed."""
+def materialize(module: nn.Module, device: torch.device, init: Init) -> nn.Module:
+    """Storage on ``device`` for the parameters ``module`` holds, filled with their one-process values — a fresh
+    initialisation with seed ``init``, or trained weights — (for a DTensor, only this rank's shard); position
+    tables recomputed."""
     shared = _shared_names(module)
     module.to_empty(device=device)
     _retie(module, shared)
     gpts = [m for m in module.modules() if isinstance(m, GPT)]
     cfg = gpts[0].cfg
     for name, p in module.named_parameters():
-        full = initial_value(cfg, one_process_name(name), tuple(p.shape), seed)
+        key, shape = one_process_name(name), tuple(p.shape)
+        full = initial_value(cfg, key, shape, init) if isinstance(init, int) else init.tensor(key, shape)
         if isinstance(p, DTensor):
             shard = distribute_tensor(full.to(device), p.device_mesh, p.placements, src_data_rank=None)
             p.to_local().copy_(shard.to_local())

@@ -1,17 +1,19 @@
 """``[init] from``: start training from a trained model — a checkpoint root (its latest commit), a run's final/
 directory or an export — instead of random weights.
 
-The weights are read whole into the freshly built model before ``parallelize`` shards it, so they land in any Plan
-(a run without ``init.from`` builds on the meta device and each rank makes only its part; this path still reads the
-trained model whole on every rank). The optimizer and the schedule
-start fresh. A model whose shape differs from the job's ``[model]`` is refused naming both shapes, except the
-vocabulary, which may grow (chat markers, tokens of a new language): new embedding rows (and untied head rows) start
-at the mean of the existing ones, so a new token begins as an "average" token rather than as noise that would
-dominate the first steps' gradients.
+The trainer builds the model on the meta device either way; ``parallelize`` carves this rank's part and fills it
+from ``TrainedWeights`` one tensor at a time (``parallel/materialize.py``), so no rank holds the whole trained model:
+from a model directory each tensor is read from the safetensors file by its offsets when it is needed (host peak:
+the largest single tensor). A checkpoint root is still read whole first (its shards are consolidated by one reader).
+The optimizer and the schedule start fresh. A model whose shape differs from the job's ``[model]`` is refused
+naming both shapes, except the vocabulary, which may grow (chat markers, tokens of a new language): new embedding
+rows (and untied head rows) start at the mean of the existing ones, so a new token begins as an "average" token
+rather than as noise that would dominate the first steps' gradients.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import torch
@@ -38,6 +40,99 @@ def read_initial(uri: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return model.cfg, model_tensors(model)
 
 
+class TrainedWeights:
+    """A trained model's tensors by one-process name, each read when asked for (``parallel.materialize``'s
+    ``WeightSource``): from a model directory's safetensors file, or from a state dict already in memory."""
+
+    def __init__(self, uri: str, cfg: GPTConfig, want: GPTConfig, tensors: dict[str, torch.Tensor] | None = None):
+        self.uri, self.cfg, self.want, self._tensors = uri, cfg, want, tensors
+        self._file = None if tensors is not None else _open_safetensors(uri)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """``name``'s trained value, its vocabulary rows grown to ``shape`` (a tied head is the embedding)."""
+        key = "tok_emb.weight" if name == "lm_head.weight" and self.cfg.tie_embeddings else name
+        try:
+            value = self._tensors[key] if self._tensors is not None else self._file.get_tensor(key)
+        except KeyError:
+            raise ConfigError([f"init.from: {storage.redact(self.uri)} holds no {key!r} — export the model again"],
+                              "[init]") from None
+        if key in ("tok_emb.weight", "lm_head.weight") and value.shape[0] < shape[0]:
+            value = grow_rows(value, shape[0])
+        if tuple(value.shape) != shape:  # same config fields, so only a damaged file gets here
+            raise ConfigError([f"init.from: {key} in {storage.redact(self.uri)} is {tuple(value.shape)}, the job's "
+                               f"model needs {shape} — export the model again"], "[init]")
+        return value
+
+
+def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights, str]:
+    """The trained weights at ``uri`` for a model of config ``want`` and a line for the log; ConfigError when
+    the shapes differ (other than a larger vocabulary)."""
+    from distgpt.checkpoint.export import model_tensors, read_checkpoint_model
+
+    _check_source(uri)
+    if is_model_dir(uri):
+        src = _model_dir_config(uri)
+        weights = TrainedWeights(uri, src, want)
+    else:
+        model = read_checkpoint_model(uri)[0]
+        src = model.cfg
+        weights = TrainedWeights(uri, src, want, model_tensors(model))
+    _check_shapes(uri, src, want)
+    grown = want.vocab_size - src.vocab_size
+    return weights, (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, "
+                                                                  "mean-initialised)" if grown else ""))
+
+
+def _check_source(uri: str) -> None:
+    if not is_model_dir(uri) and not committed(uri):
+        raise ConfigError([f"init.from: {storage.redact(uri)} is neither a model directory (config.json) nor a "
+                           "checkpoint root with a committed checkpoint — point it at a run's final/ directory, an "
+                           "export, or a checkpoint.uri"], "[init]")
+
+
+def _check_shapes(uri: str, src: GPTConfig, want: GPTConfig) -> None:
+    differs = [k for k, v in asdict(src).items() if k not in FREE and getattr(want, k) != v]
+    if differs or src.vocab_size > want.vocab_size:
+        why = ", ".join(differs) if differs else f"vocab {src.vocab_size} > {want.vocab_size}"
+        raise ConfigError([f"init.from: the model at {storage.redact(uri)} is {describe(src)}; the job builds "
+                           f"{describe(want)} (differs in {why}) — set [model] to the trained model's shape"],
+                          "[init]")
+
+
+def _model_dir_config(uri: str) -> GPTConfig:
+    from distgpt.checkpoint.export import CONFIG_FILE
+
+    try:
+        return GPTConfig.from_dict(json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError([f"init.from: {storage.redact(uri)}/{CONFIG_FILE} is damaged ({type(e).__name__}: "
+                           f"{e}) — export the model again"], "[init]") from None
+
+
+def _open_safetensors(uri: str):
+    """``safe_open`` on the model file (a remote one is first copied, streamed, to a local temporary file: safetensors
+    reads by offset from a local file)."""
+    from safetensors import safe_open
+
+    from distgpt.checkpoint.export import MODEL_FILE
+
+    path = storage.join(uri, MODEL_FILE)
+    if "://" in path:
+        import tempfile
+
+        import pyarrow.fs as pafs
+
+        fs, inside = storage.resolve(path)
+        local = tempfile.NamedTemporaryFile(prefix="distgpt-init-", suffix=".safetensors", delete=False).name
+        pafs.copy_files(inside, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        path = local
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ConfigError([f"init.from: {storage.redact(uri)}/{MODEL_FILE} cannot be read ({e}) — export the model "
+                           "again"], "[init]") from None
+
+
 def describe(cfg: GPTConfig) -> str:
     """A model's shape in one line."""
     return (f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, n_head {cfg.n_head}, ffn_mult {cfg.ffn_mult}, vocab "
@@ -52,25 +147,10 @@ def grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def load_initial_weights(model: GPT, uri: str) -> str:
-    """Load the trained model at ``uri`` into ``model`` (growing the vocabulary if the job's is larger); returns a
-    line for the log. ConfigError when the shapes differ."""
-    src, sd = read_initial(uri)
-    want = model.cfg
-    differs = [k for k, v in asdict(src).items() if k not in FREE and getattr(want, k) != v]
-    if differs or src.vocab_size > want.vocab_size:
-        why = ", ".join(differs) if differs else f"vocab {src.vocab_size} > {want.vocab_size}"
-        raise ConfigError([f"init.from: the model at {storage.redact(uri)} is {describe(src)}; the job builds "
-                           f"{describe(want)} (differs in {why}) — set [model] to the trained model's shape"],
-                          "[init]")
-    grown = want.vocab_size - src.vocab_size
-    if grown:
-        for name in ("tok_emb.weight", "lm_head.weight"):
-            if name in sd:
-                sd[name] = grow_rows(sd[name], want.vocab_size)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (want.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # same config fields, so only a damaged file gets here
-        raise ConfigError([f"init.from: {storage.redact(uri)} does not hold this model's weights (missing "
-                           f"{missing}, unexpected {unexpected})"], "[init]")
-    return (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, mean-initialised)"
-                                                         if grown else ""))
+    """Load the trained model at ``uri`` whole into ``model`` (a real, one-process model — ``distgpt tokenizer
+    extend``; training uses ``open_initial``); returns a line for the log. ConfigError when the shapes differ."""
+    weights, line = open_initial(uri, model.cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights.tensor(name, tuple(p.shape)))
+    return line

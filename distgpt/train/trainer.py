@@ -28,7 +28,7 @@ from distgpt.parallel import OptimSettings, full_state_dict, parallelize
 from distgpt.parallel.mesh import build_mesh, init_distributed
 from distgpt.planner.plan import Plan
 from distgpt.train.checkpointing import RunCheckpoints, checkpoint_meta
-from distgpt.train.init import load_initial_weights
+from distgpt.train.init import open_initial
 from distgpt.train.metrics import MetricsSink, peak_flops, peak_memory_gb, progress_bar
 from distgpt.train.objectives import resolve
 from distgpt.train.schedule import lr_at
@@ -120,9 +120,11 @@ class Trainer:
         self.objective = resolve(job.objective.kind, job.objective)
         self.objective.check_data(source.manifest if source is not None else self.train_set.manifest)
         torch.manual_seed(job.run.seed)  # same seed ⇒ same dropout, same losses
-        self.engine = parallelize(self._model(), self.mesh, OptimSettings(
+        model = self._model()
+        self.engine = parallelize(model, self.mesh, OptimSettings(
             t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, t.global_batch_size, self.seq_len),
-            self.objective, seed=job.run.seed)
+            self.objective, seed=job.run.seed, weights=self.weights)
+        self.weights = None  # each rank has its part now; let the trained file go
         self.shares = self.plan.shares(t.global_batch_size)
         if source is not None:
             self.loader = source.bind(self)
@@ -141,13 +143,13 @@ class Trainer:
         self.resume()
 
     def _model(self) -> GPT:
-        """The model to parallelize: built on the meta device, so that each rank makes only the part it keeps
-        (``parallel/materialize.py``: the values of a one-process init with the run's seed); or, from ``init.from``,
-        the trained weights, read whole on every rank."""
+        """The model to parallelize, built on the meta device so that each rank makes only the part it keeps
+        (``parallel/materialize.py``), with the values of a one-process init with the run's seed or, from
+        ``init.from``, the trained weights (``self.weights``: read one tensor at a time)."""
+        self.weights = None
         if self.job.init.from_:
-            model = GPT(self.gpt_cfg)
-            self.log(load_initial_weights(model, self.job.init.from_))
-            return model
+            self.weights, line = open_initial(self.job.init.from_, self.gpt_cfg)
+            self.log(line)
         with torch.device("meta"):
             return GPT(self.gpt_cfg)
 

@@ -1,4 +1,5 @@
-"""No rank materialises the whole model: same seed ⇒ the same full model, bit for bit, whatever the Plan.
+"""No rank materialises the whole model: same seed ⇒ the same full model, bit for bit, whatever the Plan; the same
+holds for trained weights (``init.from``), which each rank reads one tensor at a time.
 
 Each rank builds the GPT on the meta device and makes only the parameters it keeps; gathering them gives exactly
 the tensors of a one-process ``GPT`` seeded alike, and each rank holds only its share of the elements."""
@@ -46,6 +47,7 @@ def test_every_plan_initialises_the_one_process_model_bit_for_bit(world, tmp_pat
     for plan in PLANS[world]:
         row = report[plan.describe()]
         assert row["same_names"] and row["bitwise_equal"], (plan.describe(), row)
+        assert row["trained_equal"], (plan.describe(), row)  # init.from, sharded the same way, vocabulary grown
         sharded = plan.tp > 1 or plan.pp > 1 or (plan.dp > 1 and plan.dp_engine == "fsdp")
         if sharded:  # rank 0 holds its part only (DDP replicas and DeepSpeed, which takes a real module, hold all)
             assert row["local_numel"] < 0.75 * whole, (plan.describe(), row)
