@@ -28,7 +28,17 @@ class WeightSource(Protocol):
         ...
 
 
-Init = int | WeightSource
+class ShardedSource(Protocol):
+    """Trained weights that load straight into a module's own (sharded) parameters: a checkpoint's reader fetches
+    only the slices this rank holds."""
+
+    def fill(self, module: nn.Module) -> None:
+        """Give ``module``'s parameters (storage allocated, one-process names after ``one_process_name``) their
+        trained values. Collective where a process group exists: every rank calls it equally often."""
+        ...
+
+
+Init = int | WeightSource | ShardedSource
 """What a meta-device model's values are: a run seed (a fresh initialisation) or trained weights."""
 
 WRAPPERS = ("_checkpoint_wrapped_module.", "module.")
@@ -57,6 +67,17 @@ def materialize(module: nn.Module, device: torch.device, init: Init) -> nn.Modul
     _retie(module, shared)
     gpts = [m for m in module.modules() if isinstance(m, GPT)]
     cfg = gpts[0].cfg
+    if hasattr(init, "fill"):
+        init.fill(module)
+    else:
+        _fill(module, cfg, device, init)
+    for gpt in gpts:
+        gpt.reset_buffers()
+    return module
+
+
+def _fill(module: nn.Module, cfg, device: torch.device, init: int | WeightSource) -> None:
+    """Each parameter's full one-process value, made one at a time; a DTensor keeps its own slice of it."""
     for name, p in module.named_parameters():
         key, shape = one_process_name(name), tuple(p.shape)
         full = initial_value(cfg, key, shape, init) if isinstance(init, int) else init.tensor(key, shape)
@@ -65,9 +86,6 @@ def materialize(module: nn.Module, device: torch.device, init: Init) -> nn.Modul
             p.to_local().copy_(shard.to_local())
         else:
             p.copy_(full)
-    for gpt in gpts:
-        gpt.reset_buffers()
-    return module
 
 
 def _shared_names(module: nn.Module) -> list[list[str]]:

@@ -4,7 +4,8 @@ directory or an export — instead of random weights.
 The trainer builds the model on the meta device either way; ``parallelize`` carves this rank's part and fills it
 from ``TrainedWeights`` one tensor at a time (``parallel/materialize.py``), so no rank holds the whole trained model:
 from a model directory each tensor is read from the safetensors file by its offsets when it is needed (host peak:
-the largest single tensor). A checkpoint root is still read whole first (its shards are consolidated by one reader).
+the largest single tensor); from a checkpoint root DCP reads, into each rank's own sharded parameters, only the
+slices it holds (a checkpoint root with a smaller vocabulary is consolidated whole first, to grow it).
 The optimizer and the schedule start fresh. A model whose shape differs from the job's ``[model]`` is refused
 naming both shapes, except the vocabulary, which may grow (chat markers, tokens of a new language): new embedding
 rows (and untied head rows) start at the mean of the existing ones, so a new token begins as an "average" token
@@ -19,7 +20,7 @@ from dataclasses import asdict
 import torch
 
 from distgpt import storage
-from distgpt.checkpoint.layout import committed, is_model_dir
+from distgpt.checkpoint.layout import committed, is_model_dir, read_manifest
 from distgpt.config_schema import ConfigError
 from distgpt.model.config import GPTConfig
 from distgpt.model.gpt import GPT
@@ -64,7 +65,27 @@ class TrainedWeights:
         return value
 
 
-def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights, str]:
+class CheckpointWeights:
+    """A checkpoint root's latest committed model, read by DCP straight into a module's parameters (each rank the
+    slices of its shards; every file read checked against the manifest) — ``materialize``'s ``ShardedSource``."""
+
+    def __init__(self, uri: str, cfg: GPTConfig):
+        self.uri, self.cfg = uri, cfg
+
+    def fill(self, module: torch.nn.Module) -> None:
+        """Collective: load the trained values of ``module``'s parameters (a tied head copy from the embedding)."""
+        from distgpt.checkpoint.manager import CheckpointManager
+        from distgpt.parallel.materialize import one_process_name
+
+        targets = {}
+        for name, p in module.named_parameters():
+            key = one_process_name(name)
+            targets["tok_emb.weight" if key == "lm_head.weight" and self.cfg.tie_embeddings else key] = p.detach()
+        mgr = CheckpointManager(self.uri)
+        mgr.read_into(mgr.committed()[-1], {"model": targets})
+
+
+def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights | CheckpointWeights, str]:
     """The trained weights at ``uri`` for a model of config ``want`` and a line for the log; ConfigError when
     the shapes differ (other than a larger vocabulary)."""
     from distgpt.checkpoint.export import model_tensors, read_checkpoint_model
@@ -72,11 +93,15 @@ def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights, str]:
     _check_source(uri)
     if is_model_dir(uri):
         src = _model_dir_config(uri)
-        weights = TrainedWeights(uri, src, want)
+        weights: TrainedWeights | CheckpointWeights = TrainedWeights(uri, src, want)
     else:
-        model = read_checkpoint_model(uri)[0]
-        src = model.cfg
-        weights = TrainedWeights(uri, src, want, model_tensors(model))
+        src = GPTConfig.from_dict(read_manifest(committed(uri)[-1].uri)["model"])
+        _check_shapes(uri, src, want)
+        if src.vocab_size == want.vocab_size:
+            weights = CheckpointWeights(uri, src)
+        else:  # rows to add: consolidated whole, then grown like a model directory's
+            model = read_checkpoint_model(uri)[0]
+            weights = TrainedWeights(uri, src, want, model_tensors(model))
     _check_shapes(uri, src, want)
     grown = want.vocab_size - src.vocab_size
     return weights, (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, "

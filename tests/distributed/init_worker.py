@@ -1,7 +1,8 @@
 """Run under torchrun: build the GPT on the meta device under each Plan given, let every rank make only its part,
 gather the whole model and write, per Plan, whether it equals a one-process initialisation with the same seed
 bit for bit — and, built again from trained weights (``init.from``: a model directory with a 2-token-smaller
-vocabulary, read one tensor at a time), whether it equals those weights grown as one process grows them
+vocabulary, read one tensor at a time), whether it equals those weights grown as one process grows them; and
+from a sharded checkpoint of them (a checkpoint root, which DCP reads into each rank's shards)
 (``tests/distributed/test_meta_init.py``)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from distgpt.checkpoint.export import model_tensors, save_model_dir
+from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.data.tokenizer import ByteTokenizer
 from distgpt.model.config import GPTConfig
 from distgpt.model.gpt import GPT
@@ -40,11 +42,15 @@ def _trained(where: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _built(plan: Plan, **init) -> tuple[dict[str, torch.Tensor], int]:
+def _engine(plan: Plan, **init):
     with torch.device("meta"):
         model = GPT(CFG)
-    engine = parallelize(model, build_mesh(plan), OptimSettings(1e-3, 0.0, (0.9, 0.95), 1.0, 8, 16),
-                         resolve("lm"), **init)
+    return parallelize(model, build_mesh(plan), OptimSettings(1e-3, 0.0, (0.9, 0.95), 1.0, 8, 16), resolve("lm"),
+                       **init)
+
+
+def _built(plan: Plan, **init) -> tuple[dict[str, torch.Tensor], int]:
+    engine = _engine(plan, **init)
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                 for m in engine.modules for p in m.parameters())
     return full_state_dict(engine), local
@@ -56,6 +62,9 @@ def main(out: str, plans: list[str]) -> None:
     want = {k: v for k, v in GPT(CFG).state_dict().items() if k != "lm_head.weight"}
     trained_dir = out + ".trained"
     trained = _trained(trained_dir)
+    ckpt_root = out + ".ckpt"  # the trained weights (grown), saved sharded under the first Plan
+    first = _engine(Plan.from_json(plans[0]), weights=open_initial(trained_dir, CFG)[0])
+    CheckpointManager(ckpt_root).save(1, first, {"model": CFG.to_dict()})
     report = {}
     for text in plans:
         plan = Plan.from_json(text)
@@ -68,6 +77,9 @@ def main(out: str, plans: list[str]) -> None:
             "trained_equal": sorted(from_trained) == sorted(trained)
             and all(torch.equal(from_trained[k], trained[k]) for k in trained),
         }
+        from_ckpt, _ = _built(plan, weights=open_initial(ckpt_root, CFG)[0])
+        report[plan.describe()]["checkpoint_equal"] = sorted(from_ckpt) == sorted(trained) and all(
+            torch.equal(from_ckpt[k], trained[k]) for k in trained)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f)
