@@ -15,6 +15,7 @@ rather than as noise that would dominate the first steps' gradients.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import torch
@@ -48,15 +49,16 @@ class TrainedWeights:
     def __init__(self, uri: str, cfg: GPTConfig, want: GPTConfig, tensors: dict[str, torch.Tensor] | None = None):
         self.uri, self.cfg, self.want, self._tensors = uri, cfg, want, tensors
         self._file = None if tensors is not None else _open_safetensors(uri)
+        self._keys = set(tensors) if tensors is not None else set(self._file.keys())
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """``name``'s trained value, its vocabulary rows grown to ``shape`` (a tied head is the embedding)."""
         key = "tok_emb.weight" if name == "lm_head.weight" and self.cfg.tie_embeddings else name
-        try:
-            value = self._tensors[key] if self._tensors is not None else self._file.get_tensor(key)
-        except KeyError:
-            raise ConfigError([f"init.from: {storage.redact(self.uri)} holds no {key!r} — export the model again"],
-                              "[init]") from None
+        if key not in self._keys:
+            why = ("it is an int8 inference artifact — start from the fp32 model it was exported from"
+                   if f"{key}.int8" in self._keys else "export the model again")
+            raise ConfigError([f"init.from: {storage.redact(self.uri)} holds no {key!r} — {why}"], "[init]")
+        value = self._tensors[key] if self._tensors is not None else self._file.get_tensor(key)
         if key in ("tok_emb.weight", "lm_head.weight") and value.shape[0] < shape[0]:
             value = grow_rows(value, shape[0])
         if tuple(value.shape) != shape:  # same config fields, so only a damaged file gets here
@@ -91,18 +93,16 @@ def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights | Checkpoint
     from distgpt.checkpoint.export import model_tensors, read_checkpoint_model
 
     _check_source(uri)
-    if is_model_dir(uri):
-        src = _model_dir_config(uri)
-        weights: TrainedWeights | CheckpointWeights = TrainedWeights(uri, src, want)
-    else:
-        src = GPTConfig.from_dict(read_manifest(committed(uri)[-1].uri)["model"])
-        _check_shapes(uri, src, want)
-        if src.vocab_size == want.vocab_size:
-            weights = CheckpointWeights(uri, src)
-        else:  # rows to add: consolidated whole, then grown like a model directory's
-            model = read_checkpoint_model(uri)[0]
-            weights = TrainedWeights(uri, src, want, model_tensors(model))
-    _check_shapes(uri, src, want)
+    directory = is_model_dir(uri)
+    src = _model_dir_config(uri) if directory else GPTConfig.from_dict(read_manifest(committed(uri)[-1].uri)["model"])
+    _check_shapes(uri, src, want)  # before anything large is read
+    weights: TrainedWeights | CheckpointWeights
+    if directory:
+        weights = TrainedWeights(uri, src, want)
+    elif src.vocab_size == want.vocab_size:
+        weights = CheckpointWeights(uri, src)
+    else:  # rows to add: consolidated whole, then grown like a model directory's
+        weights = TrainedWeights(uri, src, want, model_tensors(read_checkpoint_model(uri)[0]))
     grown = want.vocab_size - src.vocab_size
     return weights, (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, "
                                                                   "mean-initialised)" if grown else ""))
@@ -141,21 +141,23 @@ def _open_safetensors(uri: str):
 
     from distgpt.checkpoint.export import MODEL_FILE
 
-    path = storage.join(uri, MODEL_FILE)
-    if "://" in path:
-        import tempfile
-
-        import pyarrow.fs as pafs
-
-        fs, inside = storage.resolve(path)
-        local = tempfile.NamedTemporaryFile(prefix="distgpt-init-", suffix=".safetensors", delete=False).name
-        pafs.copy_files(inside, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        path = local
+    path, local = storage.join(uri, MODEL_FILE), ""
     try:
-        return safe_open(path, framework="pt")
+        if "://" in path:
+            import tempfile
+
+            import pyarrow.fs as pafs
+
+            fs, inside = storage.resolve(path)
+            local = tempfile.NamedTemporaryFile(prefix="distgpt-init-", suffix=".safetensors", delete=False).name
+            pafs.copy_files(inside, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return safe_open(local or path, framework="pt")
     except Exception as e:
-        raise ConfigError([f"init.from: {storage.redact(uri)}/{MODEL_FILE} cannot be read ({e}) — export the model "
-                           "again"], "[init]") from None
+        raise ConfigError([f"init.from: {storage.redact(uri)}/{MODEL_FILE} cannot be read "
+                           f"({storage.redact(str(e))}) — export the model again"], "[init]") from None
+    finally:
+        if local:  # the opened file stays readable (POSIX): nothing is left behind once it is closed
+            os.unlink(local)
 
 
 def describe(cfg: GPTConfig) -> str:
