@@ -24,7 +24,7 @@ def extend(args: argparse.Namespace, overrides: list[str]) -> int:
     from distgpt.data.sources import expand_sources
     from distgpt.data.tokenizer import tokenizer_from_json
     from distgpt.model.gpt import GPT
-    from distgpt.train.init import load_initial_weights, read_initial
+    from distgpt.train.init import initial_config, load_initial_weights
 
     tok = tokenizer_from_json(storage.read_bytes(model_tokenizer_uri(args.source)).decode())
     text = documents(expand_sources(args.corpus), "text", args.max_bytes)
@@ -35,7 +35,7 @@ def extend(args: argparse.Namespace, overrides: list[str]) -> int:
         new, added = extend_bpe(tok, learn, args.add)
     except ExtendError as e:
         raise ConfigError([f"--from {args.source}: {e}"], "distgpt tokenizer extend") from None
-    cfg, _ = read_initial(args.source)
+    cfg = initial_config(args.source)
     model = GPT(replace(cfg, vocab_size=max(cfg.vocab_size, new.vocab_size)))
     load_initial_weights(model, args.source)
     save_model_dir(args.out, model, model.cfg, new, {"extended_from": storage.redact(args.source), "added": added})

@@ -30,24 +30,20 @@ FREE = ("vocab_size", "dropout")
 """Fields that may differ between the trained model and the job (vocabulary growth; dropout is training-only)."""
 
 
-def read_initial(uri: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The trained model's config and its full state dict (tied head left out)."""
-    from distgpt.checkpoint.export import load_model_dir, model_tensors, read_checkpoint_model
-
-    if not is_model_dir(uri) and not committed(uri):
-        raise ConfigError([f"init.from: {storage.redact(uri)} is neither a model directory (config.json) nor a "
-                           "checkpoint root with a committed checkpoint — point it at a run's final/ directory, an "
-                           "export, or a checkpoint.uri"], "[init]")
-    model = load_model_dir(uri)[0] if is_model_dir(uri) else read_checkpoint_model(uri)[0]
-    return model.cfg, model_tensors(model)
+def initial_config(uri: str) -> GPTConfig:
+    """The trained model's config, read from its config.json or its latest checkpoint's manifest (no tensors)."""
+    _check_source(uri)
+    if is_model_dir(uri):
+        return _model_dir_config(uri)
+    return GPTConfig.from_dict(read_manifest(committed(uri)[-1].uri)["model"])
 
 
 class TrainedWeights:
     """A trained model's tensors by one-process name, each read when asked for (``parallel.materialize``'s
     ``WeightSource``): from a model directory's safetensors file, or from a state dict already in memory."""
 
-    def __init__(self, uri: str, cfg: GPTConfig, want: GPTConfig, tensors: dict[str, torch.Tensor] | None = None):
-        self.uri, self.cfg, self.want, self._tensors = uri, cfg, want, tensors
+    def __init__(self, uri: str, cfg: GPTConfig, tensors: dict[str, torch.Tensor] | None = None):
+        self.uri, self.cfg, self._tensors = uri, cfg, tensors
         self._file = None if tensors is not None else _open_safetensors(uri)
         self._keys = set(tensors) if tensors is not None else set(self._file.keys())
 
@@ -92,17 +88,15 @@ def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights | Checkpoint
     the shapes differ (other than a larger vocabulary)."""
     from distgpt.checkpoint.export import model_tensors, read_checkpoint_model
 
-    _check_source(uri)
-    directory = is_model_dir(uri)
-    src = _model_dir_config(uri) if directory else GPTConfig.from_dict(read_manifest(committed(uri)[-1].uri)["model"])
+    src = initial_config(uri)
     _check_shapes(uri, src, want)  # before anything large is read
     weights: TrainedWeights | CheckpointWeights
-    if directory:
-        weights = TrainedWeights(uri, src, want)
+    if is_model_dir(uri):
+        weights = TrainedWeights(uri, src)
     elif src.vocab_size == want.vocab_size:
         weights = CheckpointWeights(uri, src)
     else:  # rows to add: consolidated whole, then grown like a model directory's
-        weights = TrainedWeights(uri, src, want, model_tensors(read_checkpoint_model(uri)[0]))
+        weights = TrainedWeights(uri, src, model_tensors(read_checkpoint_model(uri)[0]))
     grown = want.vocab_size - src.vocab_size
     return weights, (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, "
                                                                   "mean-initialised)" if grown else ""))
