@@ -37,7 +37,16 @@ def planner(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Predicted vs measured step time and memory of the planner's plans on this machine."""
+    """Predicted vs measured step time and memory of the planner's plans on this machine, or of a table's runs."""
+    if args.table is not None or args.fit:
+        from distgpt.bench.table_accuracy import run as run_table
+
+        return run_table(args.table or None, args.fit)
+    if not args.profile:
+        from distgpt.errors import DistgptError
+
+        raise DistgptError("bench plan-accuracy: give --profile PROFILE.json (from `distgpt bench hardware`) to run "
+                           "plans here, or --table [FILE.csv] to score a table of measured runs")
     from distgpt.bench.planner_bench import run_accuracy
 
     return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
@@ -180,7 +189,10 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def _accuracy_args(p: argparse.ArgumentParser) -> None:
     _job("jobs/bench-parallel.toml")(p)
-    p.add_argument("--profile", required=True, help="profile from `distgpt bench hardware`")
+    p.add_argument("--profile", help="profile from `distgpt bench hardware` (runs the planner's plans here)")
+    p.add_argument("--table", nargs="?", const="", default=None, metavar="FILE.csv",
+                   help="score a table of measured runs instead (no file: the published runs distgpt ships)")
+    p.add_argument("--fit", action="store_true", help="with --table: refit the layer-time figures on its 'fit' rows")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--plans", type=int, default=6)
 
@@ -209,6 +221,7 @@ COMMANDS = [
     Command(("bench", "generate"), "inference: eager vs compiled vs int8 decode; server tokens/s and TTFT under load",
             generate, _generate_args),
     Command(("bench", "planner"), "planning time for 1,024 and 16,384 devices of 4 types", planner),
-    Command(("bench", "plan-accuracy"), "run the planner's plans here; predicted vs measured", accuracy,
+    Command(("bench", "plan-accuracy"), "predicted vs measured: the planner's plans run here, or a table of runs",
+            accuracy,
             _accuracy_args),
 ]

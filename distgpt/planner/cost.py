@@ -13,21 +13,29 @@ Memory (bytes per device)
     flight, GPipe all m (Narayanan et al. 2021).
   * the last stage's logits and their gradient: 2 · s·b·V/t · 4 bytes; plus the device's runtime overhead.
 Time (seconds per step)
-  * compute: 6·N_layer + 12·s·h FLOPs per token per layer (×4/3 with recomputation), at peak × efficiency.
+  * compute: on GPUs, the layer-time model of ``planner/efficiency.py`` (GEMMs at an efficiency that falls with
+    narrow or short matrices, attention, memory-bound element-wise work, a fixed cost per layer — fitted to published
+    runs); with a measured profile (CPU slots, or ``distgpt bench hardware`` on a GPU node), 6·N_layer + 12·s·h FLOPs
+    per token per layer at the measured FLOP/s for that micro-batch. ×4/3 with recomputation.
   * tensor parallel: 4 all-reduces of s·b·h per layer per micro-batch (2 forward, 2 backward), ring cost
     2(t−1)/t · bytes / bw + latency; not overlapped.
   * pipeline: (m + p − 1) · slowest stage time (the bubble is the p − 1 term) plus stage-to-stage sends.
-  * data parallel: ring all-reduce of the gradients, 2(d−1)/d · bytes / slowest link, overlapped with the last
-    micro-batch's backward where the device allows; FSDP2 / ZeRO-3 also all-gather parameters every micro-batch.
+  * data parallel: ring all-reduce of the gradients, 2(d−1)/d · bytes / slowest link (NVLink / PCIe inside a node,
+    the node's NIC across nodes) plus a latency per hop per message (per 25 MiB DDP bucket, per layer for FSDP2 /
+    ZeRO-3), overlapped with backward only by engines that overlap it (DDP, FSDP2, ZeRO-3; not ZeRO-1/2, not the
+    all-reduce after a pipeline schedule); FSDP2 / ZeRO-3 also all-gather parameters (bf16 under bf16) every
+    micro-batch.
   * optimizer: Adam streams ~28 bytes per local parameter through device memory.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distgpt.model.config import GPTConfig
 from distgpt.model.presets import layer_params
+from distgpt.planner.efficiency import Efficiency, efficiency_for, head_seconds, layer_seconds
 from distgpt.planner.hardware import DeviceType
 
 WEIGHT_B, GRAD_B, ADAM_B = 4, 4, 8
@@ -74,6 +82,8 @@ class DeviceModel:
     """The part of a mechanism's software cost paid once per optimizer step rather than per micro-batch (FSDP's and
     ZeRO-3's gradient reduce-scatter and shard bookkeeping), in seconds per local layer."""
 
+    efficiency: Efficiency | None = None
+    """Figures of the layer-time model for this device (``planner/efficiency.py``); None: its type's fitted ones."""
     step_scale: tuple[tuple[str, float], ...] = ()
     """Measured / modelled step time of plans using each mechanism ('base': every plan), multiplied together over
     a plan's mechanisms — fitted from real runs by ``distgpt tune`` (``planner/refit.py``); 1 where unmeasured."""
@@ -106,6 +116,13 @@ class DeviceModel:
         # (half of its ceiling at SATURATION_TOKENS tokens per micro-batch).
         ramp = tokens / (tokens + SATURATION_TOKENS) if tokens else 1.0
         return self.device.peak(dtype) * self.device.efficiency * ramp
+
+    @property
+    def compute(self) -> Efficiency | None:
+        """The layer-time model's figures, or None where only measured FLOP/s apply (a profile, or a CPU slot)."""
+        if self.flops_curve or self.achieved_flops:
+            return None
+        return self.efficiency or efficiency_for(self.device.name)
 
     @property
     def link_bw(self) -> float:
@@ -208,19 +225,30 @@ def in_flight(schedule: str, stage: int, pp: int, n_micro: int) -> int:
 def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) -> float:
     """Forward + backward time of one layer for one micro-batch, compute and TP communication."""
     tokens = b * w.seq_len
-    flops = tokens * (6 * layer_params(w.model) + 12 * w.model.n_embd * w.seq_len) / tp
-    if recompute:
-        flops *= 4 / 3
-    t = flops / dev.flops(w.dtype, tokens)
+    m = w.model
+    eff = dev.compute
+    if eff is not None:
+        t = layer_seconds(eff, dev.device.peak(w.dtype), dev.device.mem_bw, tokens=tokens, seq=w.seq_len,
+                          width=m.n_embd, ffn=m.ffn_mult * m.n_embd, heads=m.n_head, tp=tp,
+                          act_bytes=w.act_bytes, recompute=recompute, flash=dev.device.flash_attention)
+    else:
+        flops = tokens * (6 * layer_params(m) + 12 * m.n_embd * w.seq_len) / tp
+        if recompute:
+            flops *= 4 / 3
+        t = flops / dev.flops(w.dtype, tokens)
     if tp > 1:
         n_ar = 6 if recompute else 4
-        t += n_ar * ring_allreduce(tokens * w.model.n_embd * w.act_bytes, tp, dev.link_bw, dev.latency)
+        t += n_ar * ring_allreduce(tokens * m.n_embd * w.act_bytes, tp, dev.link_bw, dev.latency)
     return t
 
 
 def head_time(w: Workload, dev: DeviceModel, b: int, tp: int) -> float:
     """LM head forward + backward for one micro-batch."""
     tokens = b * w.seq_len
+    eff = dev.compute
+    if eff is not None:
+        return head_seconds(eff, dev.device.peak(w.dtype), dev.device.mem_bw, tokens=tokens, width=w.model.n_embd,
+                            vocab=w.model.vocab_size, tp=tp)
     return tokens * 6 * w.model.vocab_size * w.model.n_embd / tp / dev.flops(w.dtype, tokens)
 
 
@@ -236,21 +264,44 @@ def p2p_time(w: Workload, b: int, bw: float, latency: float) -> float:
     return 2 * (b * w.seq_len * w.model.n_embd * w.act_bytes / bw + latency)
 
 
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb: one all-reduce per bucket
+
+
+def engine_overlap(engine: str, zero: int, pp: int, overlap: float) -> float:
+    """How much of the gradient reduction the engine can hide behind backward: DDP's buckets and FSDP2's per-layer
+    reduce-scatters run during backward; DeepSpeed ZeRO-1/2 reduce after it (``overlap_comm`` is off by default
+    below stage 3, and distgpt leaves it so); pipeline stages all-reduce after the whole schedule (``parallel/pp.py``).
+    """
+    if engine == "deepspeed" and zero < 3:
+        return 0.0
+    if pp > 1 and engine == "ddp":
+        return 0.0
+    return overlap
+
+
 def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, latency: float, n_micro: int,
-            backward_last: float, compute_micro: float, overlap: float, pp: int = 1) -> float:
-    """Exposed data-parallel communication per step (FSDP2 in pipeline stages gathers once per step, not once per
-    micro-batch: see ``state_bytes``)."""
+            backward_last: float, compute_micro: float, overlap: float, pp: int = 1, *, layers: int = 1,
+            gather_bytes: float = WEIGHT_B) -> float:
+    """Exposed data-parallel communication per step.
+
+    Each collective pays its latency per ring hop, so many small messages cost more than one large one: DDP sends one
+    all-reduce per 25 MiB bucket, FSDP2 / ZeRO-3 one all-gather per layer forward and backward (at ``gather_bytes``
+    per parameter: bf16 under bf16 mixed precision) and one reduce-scatter per layer. FSDP2 inside pipeline stages
+    gathers once per step, not once per micro-batch (see ``state_bytes``)."""
     if dp <= 1:
         return 0.0
+    overlap = engine_overlap(engine, zero, pp, overlap)
     grads = params * GRAD_B
     if engine == "fsdp" and pp > 1:
         n_micro = 1
     if engine == "fsdp" or zero == 3:
-        gather = 2 * (dp - 1) / dp * params * WEIGHT_B / bw + 2 * (dp - 1) * latency  # forward + backward
+        hops = (dp - 1) * latency
+        gather = 2 * ((dp - 1) / dp * params * gather_bytes / bw + layers * hops)  # forward + backward
         per_micro = max((1 - overlap) * gather, gather - overlap * compute_micro)
-        reduce = (dp - 1) / dp * grads / bw
+        reduce = (dp - 1) / dp * grads / bw + layers * hops
         return n_micro * per_micro + max((1 - overlap) * reduce, reduce - overlap * backward_last)
-    comm = ring_allreduce(grads, dp, bw, latency)
+    buckets = max(1, math.ceil(grads / DDP_BUCKET_BYTES)) if engine == "ddp" else 1
+    comm = ring_allreduce(grads, dp, bw, latency) + (buckets - 1) * 2 * (dp - 1) * latency
     return max((1 - overlap) * comm, comm - overlap * backward_last)
 
 

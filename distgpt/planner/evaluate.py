@@ -113,8 +113,10 @@ class Evaluator:
                 return None
         return per
 
-    def evaluate(self, lay: Layout, m: int, engine: str, zero: int, rc: bool) -> Candidate | str:
-        """Score one option; a string says why it is impossible."""
+    def evaluate(self, lay: Layout, m: int, engine: str, zero: int, rc: bool,
+                 check_memory: bool = True) -> Candidate | str:
+        """Score one option; a string says why it is impossible (``check_memory=False``: score it even where it is
+        predicted not to fit, as a table of measured runs needs)."""
         w = self.w
         if w.global_batch % m:
             return "micro-batch does not divide the global batch"
@@ -134,14 +136,16 @@ class Evaluator:
         bubble = max((lay.pp - 1) * t for t in times)
         mem, cap, params = self.memory(lay, m, engine, zero, rc, dp, min(min(u) for u in per), keys)
         over = [k for k in mem if mem[k] > cap[k]]
-        if over:
+        if over and check_memory:
             return f"out of memory on {over[0]}: {mem[over[0]] / 1e9:.1f} GB > {cap[over[0]] / 1e9:.1f} GB"
         groups = tuple({g for st, _ in lay.kinds for g in st})
         devs = [self.dev(g) for g in groups]
-        bw = self.link(groups, 10**9) if dp > 1 else 1.0
+        # inside one node the replicas reduce over NVLink / PCIe; across nodes over the slowest NIC
+        bw = self.link(groups, dp * lay.tp * lay.pp) if dp > 1 else 1.0
         n_micro = max(max(u) for u in per)
         dpt = cost.dp_time(params, engine, zero, dp, bw, max(d.latency for d in devs), n_micro, 2 / 3 * min(times),
-                           min(times), min(d.comm_overlap for d in devs), lay.pp)
+                           min(times), min(d.comm_overlap for d in devs), lay.pp, layers=max(lay.stage_layers),
+                           gather_bytes=w.act_bytes)
         local = params / dp if (engine == "fsdp" or zero >= 1) else params
         opt = max(cost.optimizer_time(local, d) for d in devs)
         fixed = max(max(lay.stage_layers) * d.engine_step_cost(list(keys)) for d in devs)
@@ -221,11 +225,12 @@ class Evaluator:
                 yield g, n * lay.tp
 
 
-def predict(plan: Plan, w: Workload, inv: Inventory, devices: dict[str, DeviceModel]) -> Candidate | str:
+def predict(plan: Plan, w: Workload, inv: Inventory, devices: dict[str, DeviceModel],
+            check_memory: bool = True) -> Candidate | str:
     """The cost model's figures for one explicit, homogeneous Plan on the first node group of ``inv``."""
     g = inv.groups[0]
     layers = plan.stage_layers or tuple(r[1] - r[0] for r in plan.layer_ranges(w.model.n_layer))
     lay = Layout(plan.tp, plan.pp, tuple(layers), (((g,) * plan.pp, plan.dp),), "replicas")
     ev = Evaluator(w, inv, devices)
     micro = plan.micro_batch_size or w.global_batch // plan.dp
-    return ev.evaluate(lay, micro, plan.dp_engine, plan.zero_stage, plan.recompute)
+    return ev.evaluate(lay, micro, plan.dp_engine, plan.zero_stage, plan.recompute, check_memory)
