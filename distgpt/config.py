@@ -129,6 +129,10 @@ class TrainSection:
     """torch intra-op threads on CPU (0: torch's default)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', or 'cuda'."""
+    attention: str = "auto"
+    """Attention kernels: 'auto' (PyTorch SDPA's choice: flash / memory-efficient where the device has them),
+    'flash' (only kernels that never store the T×T scores), 'math' (the explicit kernel, which stores them). The
+    planner's memory model follows it ('auto': the device type's ``flash_attention``)."""
 
 
 @dataclass
@@ -276,7 +280,8 @@ class JobConfig:
     def workload(self) -> Workload:
         """What the planner needs of this job: model shape, global batch, sequence length, precision."""
         vocab = self.model.vocab_size or (257 if self.data.tokenizer == "byte" else self.data.vocab_size)
-        return Workload(self.gpt_config(vocab), self.train.global_batch_size, self.seq_len, self.plan.dtype)
+        flash = {"flash": True, "math": False}.get(self.train.attention)
+        return Workload(self.gpt_config(vocab), self.train.global_batch_size, self.seq_len, self.plan.dtype, flash)
 
     def gpt_config(self, tokenizer_vocab: int | None = None) -> GPTConfig:
         """The model's GPTConfig: the preset, the overrides, and the tokenizer's vocabulary where vocab_size is 0."""
@@ -387,6 +392,8 @@ def validate(job: JobConfig) -> list[str]:
             p.append(f"train.{name}: must be in [0, 1), got {getattr(t, name)}")
     if t.device not in ("auto", "cpu", "cuda"):
         p.append(f"train.device: {t.device!r} — use 'auto', 'cpu' or 'cuda'")
+    if t.attention not in ("auto", "flash", "math"):
+        p.append(f"train.attention: {t.attention!r} — use 'auto', 'flash' or 'math'")
     if not 0 <= d.val_fraction <= 0.5:
         p.append(f"data.val_fraction: must be in [0, 0.5], got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 258:

@@ -2,7 +2,8 @@
 
 Prints, for the rows marked ``fit`` and ``held_out`` separately and per device type: mean / median / max |error| of
 the predicted step time, the rank agreement (Kendall tau over pairs of runs of the same model on the same device
-type), peak-memory error where the table has it, and how many runs that really ran the model predicts not to fit.
+type), peak-memory error where the table has it, and how many of the runs would not fit in the device's memory as
+distgpt runs the same plan (its model keeps more per layer than some systems do: see ``planner/cost.py``).
 Then, for each held-out device type, the same after calibrating that type on its single smallest run.
 ``--fit`` refits the layer-time figures on the ``fit`` rows and prints them in the form ``planner/efficiency.py``
 keeps them.
@@ -21,9 +22,15 @@ def _line(label: str, scored: list[Scored]) -> str:
     s = summarize(scored)
     tau = "  n/a" if math.isnan(s.tau) else f"{s.tau:5.2f}"
     mem = f"  memory {s.memory_mean:5.1%} ({s.memory_rows})" if s.memory_rows else ""
-    oom = f"  predicted not to fit: {s.predicted_oom}" if s.predicted_oom else ""
+    oom = f"  too big as distgpt runs it: {s.predicted_oom}" if s.predicted_oom else ""
     return (f"  {label:<28} {s.rows:4d} runs  step time |error| mean {s.step_mean:5.1%}  median {s.step_median:5.1%}"
             f"  max {s.step_max:5.1%}  tau {tau}{mem}{oom}")
+
+
+def _system(source: str) -> str:
+    """The repository (owner/name) a source URL points into, else the source itself."""
+    parts = source.split("/")
+    return "/".join(parts[3:5]) if source.startswith("https://github.com/") and len(parts) > 4 else source[:40]
 
 
 def report(runs: list[MeasuredRun]) -> None:
@@ -43,6 +50,13 @@ def report(runs: list[MeasuredRun]) -> None:
                     own = "own fit" if dev in FITTED else "generic"
                     print(_line(f"  {dev} ({own})", rows))
     held = by_split.get("held_out", [])
+    systems: dict[str, list[Scored]] = collections.defaultdict(list)
+    for s in held:
+        systems[_system(s.run.source)].append(s)
+    if len(systems) > 1:
+        print("held out, by the system that measured them (the figures were fitted to one PyTorch FSDP system):")
+        for name, rows in sorted(systems.items(), key=lambda kv: -len(kv[1])):
+            print(_line(name, rows))
     for s in summarize(held, worst=3).worst if held else []:
         print(f"    worst held-out: {s.run.run}: predicted {s.step_time_s:.3g} s, measured {s.run.step_time_s:.3g} s")
     print("calibrated on one run of the type (its smallest; that run left out of the figures):")

@@ -10,6 +10,7 @@ restart at each one, so a packed row computes exactly what its documents would a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -91,6 +92,18 @@ class KVCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_kernels(choice: str) -> contextlib.AbstractContextManager:
+    """The SDPA kernels a job allows (``train.attention``): 'auto' leaves PyTorch's choice; 'flash' allows only
+    kernels that never hold the T×T scores (flash, memory-efficient, cuDNN); 'math' only the explicit one."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if choice == "math":
+        return sdpa_kernel([SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 class CausalSelfAttention(nn.Module):

@@ -12,6 +12,10 @@ benchmarks; every row names its source). Columns:
   engine, zero_stage, recompute, dtype,
   flash_attention
   step_time_s, peak_memory_gib              what was measured (peak memory may be empty)
+  memory_measure                            optional: 'device' (default: all the process holds, as nvidia-smi or
+                                            max_memory_reserved show it) or 'allocated' (torch's
+                                            max_memory_allocated: tensors only, so the prediction leaves out the
+                                            runtime overhead — CUDA context, NCCL buffers, allocator cache)
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class MeasuredRun:
     flash_attention: bool
     step_time_s: float
     peak_memory_gib: float | None = None
+    memory_measure: str = "device"
 
     @property
     def model_key(self) -> tuple[int, int, int]:
@@ -96,7 +101,8 @@ def load_table(path: str | Path) -> list[MeasuredRun]:
     types = {"int": int, "float": float, "bool": bool, "str": str, "float | None": float}
     with p.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in cols if c != "peak_memory_gib" and c not in (reader.fieldnames or [])]
+        optional = ("peak_memory_gib", "memory_measure")
+        missing = [c for c in cols if c not in optional and c not in (reader.fieldnames or [])]
         if missing:
             raise TableError(f"{p}: missing column(s) {', '.join(missing)}")
         out = []
@@ -106,8 +112,8 @@ def load_table(path: str | Path) -> list[MeasuredRun]:
                 raw = (row.get(name) or "").strip()
                 where = f"{p}:{i} column {name}"
                 if not raw:
-                    if name == "peak_memory_gib":
-                        vals[name] = None
+                    if name in optional:
+                        vals[name] = None if name == "peak_memory_gib" else "device"
                         continue
                     raise TableError(f"{where}: empty")
                 vals[name] = _parse(raw, types[str(f.type)], where)
@@ -129,19 +135,21 @@ def _check(r: MeasuredRun, where: str) -> None:
                          f"{r.gpus_per_node}×{r.nodes} GPUs")
     if r.global_batch % (r.micro_batch * r.dp):
         raise TableError(f"{where}: global_batch {r.global_batch} is not a multiple of micro_batch × dp")
-    if r.engine not in ("ddp", "fsdp", "deepspeed") or r.split not in ("fit", "held_out") or r.step_time_s <= 0:
-        raise TableError(f"{where}: engine must be ddp|fsdp|deepspeed, split fit|held_out, step_time_s > 0")
+    if r.engine not in ("ddp", "fsdp", "deepspeed") or r.split not in ("fit", "held_out") or r.step_time_s <= 0 \
+            or r.memory_measure not in ("device", "allocated"):
+        raise TableError(f"{where}: engine must be ddp|fsdp|deepspeed, split fit|held_out, step_time_s > 0, "
+                         f"memory_measure device|allocated")
 
 
 def run_inputs(r: MeasuredRun) -> tuple[Plan, Workload, Inventory]:
     """The Plan, workload and one-group inventory the cost model sees for a row."""
     model = GPTConfig(vocab_size=r.vocab_size, block_size=r.seq_len, n_layer=r.n_layer, n_head=r.n_head,
                       n_embd=r.n_embd, ffn_mult=r.ffn_mult, bias=r.bias)
-    dev = replace(device_type(r.device), flash_attention=r.flash_attention)
+    dev = device_type(r.device)
     inv = Inventory((NodeGroup(r.device, dev, r.gpus_per_node, r.nodes, network_bw=r.network_gbps * 1e9),))
     plan = Plan(dp=r.dp, tp=r.tp, pp=r.pp, micro_batch_size=r.micro_batch, dp_engine=r.engine,  # type: ignore[arg-type]
                 zero_stage=r.zero_stage, recompute=r.recompute, dtype=r.dtype)  # type: ignore[arg-type]
-    return plan, Workload(model, r.global_batch, r.seq_len, r.dtype), inv
+    return plan, Workload(model, r.global_batch, r.seq_len, r.dtype, r.flash_attention), inv
 
 
 @dataclass(frozen=True)
@@ -169,11 +177,13 @@ def score_run(r: MeasuredRun, devices: dict[str, DeviceModel] | None = None) -> 
     plan, w, inv = run_inputs(r)
     devices = devices or {}
     dev = devices.get(r.device)
-    c = predict(plan, w, inv, {inv.groups[0].device.name: replace(dev, device=inv.groups[0].device)} if dev else {},
-                check_memory=False)
+    c = predict(plan, w, inv, {inv.groups[0].device.name: dev} if dev else {}, check_memory=False)
     if not isinstance(c, Candidate):
         raise TableError(f"row {r.run!r}: the cost model cannot score this plan ({c})")
     mem = max(c.memory.values())
+    if r.memory_measure == "allocated":  # tensors only: what torch counts, without the runtime's own memory
+        model = dev or DeviceModel(inv.groups[0].device)
+        mem -= model.overhead
     return Scored(r, c.step_time, mem / GIB, all(c.memory[k] <= c.capacity[k] for k in c.memory))
 
 

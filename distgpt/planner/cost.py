@@ -6,11 +6,11 @@ pipeline- and data-parallel degrees, m micro-batches per step.
 Memory (bytes per device)
   * model states, mixed-precision Adam as this engine runs it: fp32 weights 4, gradients 4, Adam moments 8 bytes per
     parameter; ZeRO-1 divides the 8 by d, ZeRO-2 also the 4 of gradients, ZeRO-3 / FSDP2 all 16 (Rajbhandari 2020).
-  * activations per layer per micro-batch (Korthikanti et al. 2022, eq. 2 and table 2, for 16-bit activations):
-        no TP:  s·b·h·(34 + 5·a·s/h)      TP without SP:  s·b·h·(10 + 24/t + 5·a·s/(h·t))
-    The 5·a·s/h term (stored attention scores) vanishes with flash-attention kernels; fp32 activations double it;
-    full recomputation keeps only each layer's input, 2·s·b·h. A 1F1B stage i holds min(p − i, m) micro-batches in
-    flight, GPipe all m (Narayanan et al. 2021).
+  * activations per layer per micro-batch, counted as Korthikanti et al. (2022) count them, for this model's Block
+    as it saves them (``layer_activation_bytes``: 40·s·b·h bytes in bf16, 64 in fp32, with flash attention and no
+    dropout; + 4·a·s²·b without flash); full recomputation keeps only each layer's input; under bf16 autocast DDP
+    also keeps bf16 copies of the weights. A 1F1B stage i holds min(p − i, m) micro-batches in flight, GPipe all m
+    (Narayanan et al. 2021).
   * the last stage's logits and their gradient: 2 · s·b·V/t · 4 bytes; plus the device's runtime overhead.
 Time (seconds per step)
   * compute: on GPUs, the layer-time model of ``planner/efficiency.py`` (GEMMs at an efficiency that falls with
@@ -51,6 +51,12 @@ class Workload:
     global_batch: int
     seq_len: int
     dtype: str = "bf16"
+    flash_attention: bool | None = None
+    """Whether attention stores the T×T scores (False) or not (True); None: as the device type does."""
+
+    def flash(self, device: DeviceType) -> bool:
+        """Flash attention on ``device`` for this job."""
+        return device.flash_attention if self.flash_attention is None else self.flash_attention
 
     @property
     def act_bytes(self) -> int:
@@ -200,16 +206,29 @@ def setup_bytes(m: GPTConfig, params: float, engine: str, zero: int, dp: int) ->
 
 
 def layer_activation_bytes(w: Workload, b: int, tp: int, recompute: bool, flash: bool) -> float:
-    """Activation memory of one layer for one micro-batch of b samples (Korthikanti et al. 2022)."""
+    """Bytes one layer keeps for backward, one micro-batch of b samples, as distgpt's Block saves them.
+
+    Counted per element of s·b·h, the way Korthikanti et al. (2022) count them, for this model (measured on CPU with
+    saved-tensor hooks: ``tests/unit/test_plan_accuracy.py``): the two LayerNorm inputs are the fp32 residual
+    stream (8 bytes, also under bf16 autocast); the first LayerNorm's output as the q/k/v projections' input (fp32: one
+    tensor, 4; bf16: autocast casts it once per projection, 3 × 2); q, k, v; the attention output (which the output
+    projection reads); the second LayerNorm's output as fc1's input; the GELU's input and output (ffn wide). Only
+    q, k, v, the attention output and the ffn tensors are split t ways under tensor parallelism. Without flash
+    attention the softmax probabilities (fp32, a·s² per sample) are kept too; with dropout, its two masks.
+    Recomputation keeps only each layer's input (the fp32 residual)."""
     s, h, a = w.seq_len, w.model.n_embd, w.model.n_head
-    scale = w.act_bytes / 2  # the formulas count 16-bit activations
+    x = w.act_bytes
     if recompute:
-        return 2 * s * b * h * scale
-    if tp == 1:
-        per = 34 + (0 if flash else 5 * a * s / h)
-    else:
-        per = 10 + 24 / tp + (0 if flash else 5 * a * s / (h * tp))
-    return s * b * h * per * scale
+        return 4 * s * b * h
+    whole = 8 + (3 * x if x == 2 else x) + x + (2 if w.model.dropout > 0 else 0)
+    split = 3 * x + x + 2 * w.model.ffn_mult * x + (0 if flash else 4 * a * s / h)
+    return s * b * h * (whole + split / tp)
+
+
+def autocast_weight_bytes(params: float, engine: str, dtype: str) -> float:
+    """bf16 copies of the weights that autocast makes in forward and the matmuls keep for backward (2 bytes per
+    local parameter); FSDP2 gathers bf16 weights, which autocast uses as they are (measured on CPU: 2.00 B/param)."""
+    return 2 * params if dtype == "bf16" and engine == "ddp" else 0.0
 
 
 def logits_bytes(w: Workload, b: int, tp: int) -> float:
@@ -230,7 +249,7 @@ def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) 
     if eff is not None:
         t = layer_seconds(eff, dev.device.peak(w.dtype), dev.device.mem_bw, tokens=tokens, seq=w.seq_len,
                           width=m.n_embd, ffn=m.ffn_mult * m.n_embd, heads=m.n_head, tp=tp,
-                          act_bytes=w.act_bytes, recompute=recompute, flash=dev.device.flash_attention)
+                          act_bytes=w.act_bytes, recompute=recompute, flash=w.flash(dev.device))
     else:
         flops = tokens * (6 * layer_params(m) + 12 * m.n_embd * w.seq_len) / tp
         if recompute:

@@ -182,8 +182,12 @@ class Evaluator:
                 d = self.dev(g)
                 p = cost.stage_params(self.w.model, lay.stage_layers[j], j == 0, j == lay.pp - 1, lay.tp, lay.pp)
                 worst_params = max(worst_params, p)
-                act = cost.layer_activation_bytes(self.w, m, lay.tp, rc, g.device.flash_attention) * d.act_scale
-                total = (cost.state_bytes(p, engine, zero, dp, lay.pp)
+                act = cost.layer_activation_bytes(self.w, m, lay.tp, rc, self.w.flash(g.device)) * d.act_scale
+                # with recomputation, the layer being recomputed in backward holds all its activations at once
+                work = cost.layer_activation_bytes(self.w, m, lay.tp, False, self.w.flash(g.device)) \
+                    * d.act_scale if rc else 0.0
+                total = (cost.state_bytes(p, engine, zero, dp, lay.pp) + work
+                         + cost.autocast_weight_bytes(p, engine, self.w.dtype)
                          + lay.stage_layers[j] * act * cost.in_flight("1f1b", j, lay.pp, min_micro)
                          + (cost.logits_bytes(self.w, m, lay.tp) if j == lay.pp - 1 else 0) + d.overhead
                          + d.engine_cost(list(keys))[1])

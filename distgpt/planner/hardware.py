@@ -70,7 +70,8 @@ CATALOG: dict[str, DeviceType] = {d.name: d for d in (
     _gpu("T4", 65, 8.1, 16, 0.32, 32, eff=0.35, flash=False),
     _gpu("RTX4090", 165.2, 82.6, 24, 1.008, 64),
     _gpu("RTX3090", 71, 35.6, 24, 0.936, 112.5),
-    DeviceType("cpu", 50e9, 50e9, 8 * GB, 10 * GB, 5 * GB, efficiency=0.5, flash_attention=False,
+    # SDPA trains with its flash kernel on CPU too (measured: no T×T tensor kept for backward)
+    DeviceType("cpu", 50e9, 50e9, 8 * GB, 10 * GB, 5 * GB, efficiency=0.5, flash_attention=True,
                runtime_overhead_bytes=0.4 * GB),
 )}
 

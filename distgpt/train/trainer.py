@@ -22,7 +22,7 @@ from distgpt.checkpoint.export import save_model_dir
 from distgpt.config import JobConfig, public_dict
 from distgpt.data.loader import DataLoader, TokenDataset, load_tokenizer, sample_ids
 from distgpt.data.mixture import open_mixture
-from distgpt.model.gpt import GPT
+from distgpt.model.gpt import GPT, attention_kernels
 from distgpt.model.presets import mfu, param_count
 from distgpt.parallel import OptimSettings, full_state_dict, parallelize
 from distgpt.parallel.mesh import build_mesh, init_distributed
@@ -175,7 +175,8 @@ class Trainer:
         t = self.job.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         batch = self.objective.make_batch(self.loader.next_columns())
-        loss, norm = self.engine.train_step(batch, lr, t.grad_clip)
+        with attention_kernels(t.attention):  # the kernel chosen in forward is the one its backward runs
+            loss, norm = self.engine.train_step(batch, lr, t.grad_clip)
         self.step += 1
         return loss, norm
 

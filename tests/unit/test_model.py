@@ -129,3 +129,29 @@ def test_block_size_is_enforced():
     model = GPT(small_cfg())
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_train_attention_math_stores_the_scores_and_flash_does_not():
+    """``train.attention`` really picks the kernel: the explicit one saves the T×T scores for backward."""
+    from distgpt.model.gpt import attention_kernels
+
+    cfg = GPTConfig(vocab_size=64, block_size=128, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (2, 128))
+
+    def saved(choice: str) -> tuple[int, torch.Tensor]:
+        sizes: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with attention_kernels(choice), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        return sum(sizes.values()), y
+
+    (math_b, y_math), (flash_b, y_flash) = saved("math"), saved("flash")
+    scores = 2 * 2 * 128 * 128 * 4  # batch × heads × T × T fp32 probabilities
+    lse = 2 * 2 * 128 * 4  # what the flash kernel keeps instead: one log-sum-exp per query
+    assert math_b - flash_b == scores - lse
+    torch.testing.assert_close(y_math, y_flash, rtol=1e-4, atol=1e-5)

@@ -40,14 +40,16 @@ def test_the_shipped_table_names_a_source_for_every_run_and_holds_out_what_it_do
 
 
 def test_held_out_error_meets_the_goals_uncalibrated_and_calibrated_on_one_run(runs):
-    held = [r for r in runs if r.split == "held_out"]
+    # the issue's goals are stated for published multi-node runs: every one of them is held out
+    held = [r for r in runs if r.split == "held_out" and r.nodes > 1]
     fresh = [r for r in held if r.device not in FITTED]  # a type the figures never saw
+    assert len(fresh) >= 30
     s = summarize([score_run(r) for r in fresh])
     assert s.step_mean < 0.15, s
     small, model = calibrate_one(runs, "A100-40GB")
     rest = [score_run(r, {"A100-40GB": model}) for r in fresh if r != small]
     assert summarize(rest).step_mean < 0.08
-    assert summarize([score_run(r) for r in held if r.device in FITTED]).step_mean < 0.08  # multi-node
+    assert summarize([score_run(r) for r in held if r.device in FITTED]).step_mean < 0.08
 
 
 def test_the_catalog_figures_are_what_the_fit_gives(runs):
@@ -160,3 +162,86 @@ def test_a_row_predicted_not_to_fit_is_still_scored(runs):
     r = next(r for r in runs if r.device == "A100-40GB")
     s = score_run(replace(r, micro_batch=r.micro_batch, global_batch=r.global_batch))
     assert s.step_time_s > 0 and s.memory_gib > 0
+
+
+def test_the_attention_kernel_is_per_job_and_the_memory_model_follows_it():
+    from distgpt.config import load_job
+    from distgpt.config_schema import ConfigError
+    from distgpt.planner.evaluate import Evaluator, Layout
+    from distgpt.planner.inventory import inventory_from_dict
+
+    from ..conftest import REPO
+
+    tiny = str(REPO / "jobs" / "tiny.toml")
+    assert load_job(tiny, []).workload().flash_attention is None  # auto: as the device type does
+    math_w = load_job(tiny, ["--train.attention='math'"]).workload()
+    flash_w = load_job(tiny, ["--train.attention='flash'"]).workload()
+    assert (math_w.flash_attention, flash_w.flash_attention) == (False, True)
+    with pytest.raises(ConfigError, match="train.attention: 'fast'"):
+        load_job(tiny, ["--train.attention='fast'"])
+    inv = inventory_from_dict({"nodes": [{"device": "A100-80GB", "count": 1}]})
+    g = inv.groups[0]
+    lay = Layout(1, 1, (math_w.model.n_layer,), (((g,), 1),), "replicas")
+    mem = {w.flash_attention: Evaluator(w, inv, {}).memory(lay, 4, "ddp", 0, False, 1, 4)[0]["A100-80GB"]
+           for w in (math_w, flash_w)}
+    assert mem[False] > mem[True]  # the T×T scores are stored only without flash attention
+
+
+def test_recomputation_holds_one_whole_layer_while_it_recomputes_it():
+    from distgpt.model.presets import preset
+    from distgpt.planner.evaluate import Evaluator, Layout
+    from distgpt.planner.inventory import inventory_from_dict
+
+    w = cost.Workload(preset("gpt2-350m"), 8, 1024, "bf16")
+    inv = inventory_from_dict({"nodes": [{"device": "A100-80GB", "count": 1}]})
+    lay = Layout(1, 1, (24,), (((inv.groups[0],), 1),), "replicas")
+    ev = Evaluator(w, inv, {})
+    rc = ev.memory(lay, 8, "ddp", 0, True, 1, 1)[0]["A100-80GB"]
+    state = cost.state_bytes(cost.stage_params(w.model, 24, True, True, 1, 1), "ddp", 0, 1)
+    kept = 24 * cost.layer_activation_bytes(w, 8, 1, True, True)
+    whole = cost.layer_activation_bytes(w, 8, 1, False, True)
+    overhead = ev.dev(inv.groups[0]).overhead
+    copies = cost.autocast_weight_bytes(cost.stage_params(w.model, 24, True, True, 1, 1), "ddp", "bf16")
+    assert rc == pytest.approx(state + copies + kept + whole + cost.logits_bytes(w, 8, 1) + overhead)
+
+
+def _saved_per_layer(cfg, seq: int, dtype: str, attention: str) -> tuple[float, float]:
+    """(bytes one Block keeps for backward per sample, bytes independent of the batch) with saved-tensor hooks,
+    parameters excluded, from two batch sizes."""
+    import torch
+
+    from distgpt.model.gpt import Block, attention_kernels
+
+    torch.manual_seed(0)
+    block = Block(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    totals = []
+    for b in (1, 3):
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(b, seq, cfg.n_embd, requires_grad=True)  # the fp32 residual stream
+        auto = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+        with auto, attention_kernels(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x)
+        totals.append(sum(seen.values()))
+    per = (totals[1] - totals[0]) / 2
+    return per, totals[0] - per
+
+
+@pytest.mark.parametrize("dtype, attention", [("fp32", "flash"), ("fp32", "math"), ("bf16", "flash")])
+@pytest.mark.parametrize("h, heads, seq", [(128, 4, 64), (192, 3, 128)])
+def test_activation_memory_is_what_the_block_keeps(dtype, attention, h, heads, seq):
+    from distgpt.model.config import GPTConfig
+
+    cfg = GPTConfig(vocab_size=64, block_size=seq, n_layer=1, n_head=heads, n_embd=h)
+    per, fixed = _saved_per_layer(cfg, seq, dtype, attention)
+    w = cost.Workload(cfg, 1, seq, dtype)
+    assert per == pytest.approx(cost.layer_activation_bytes(w, 1, 1, False, attention == "flash"), rel=0.01)
+    params = 12 * h * h + 9 * h  # the block's weights and biases (LayerNorms' stay fp32)
+    assert fixed == pytest.approx(2 * (12 * h * h + 4 * h) if dtype == "bf16" else 0, abs=4 * h * 8 + 64)
+    assert cost.autocast_weight_bytes(params, "ddp", dtype) == pytest.approx(2 * params if dtype == "bf16" else 0)
