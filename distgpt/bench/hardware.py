@@ -1,10 +1,14 @@
 """``distgpt bench hardware``: measure this machine's workers and write a planner profile.
 
-All ranks measure at once (as they train at once, sharing cores, memory bandwidth and links):
+On a GPU node every rank measures its GPU (in bf16, over NCCL) and the profile is keyed by the catalog's name for
+that GPU (``planner.hardware.cuda_device_type``), so `distgpt plan --profile` uses it for that device type; on CPU
+each rank is a core slot ("cpu"). All ranks measure at once (as they train at once, sharing cores, memory
+bandwidth and links):
   * per-layer forward+backward time of the job's transformer block at micro-batches 1, 2, 4, 8 → achieved FLOP/s;
   * activation bytes autograd saves for one layer (``saved_tensors_hooks``) vs the Korthikanti formula → act_scale;
   * all-reduce time at a few sizes → bandwidth and per-hop latency (least squares on the ring-cost model);
-  * resident memory of an initialised worker before any model exists → runtime overhead.
+  * memory an initialised worker holds before any model exists (CPU: resident set; GPU: device memory in use once
+    NCCL's communicator exists — CUDA context, NCCL buffers) → runtime overhead.
 Run: ``distgpt bench hardware JOB --out profile.json`` (launches itself under torchrun with --nproc ranks).
 """
 
@@ -30,32 +34,62 @@ def _rss() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _time(fn, repeats: int = 5) -> float:
+def _device() -> torch.device:
+    """This rank's GPU under torchrun, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn, repeats: int = 5, dev: torch.device | None = None) -> float:
+    dev = dev or torch.device("cpu")
     fn()
     times = []
     for _ in range(repeats):
         dist.barrier()
+        _sync(dev)
         t0 = time.perf_counter()
         fn()
+        _sync(dev)  # GPU work is asynchronous: time it to completion
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def layer_curve(cfg, seq: int) -> tuple[list[list[float]], float]:
+def profile_key(dev: torch.device) -> str:
+    """The catalog device type this rank measures ('cpu' for a core slot)."""
+    if dev.type != "cuda":
+        return "cpu"
+    from distgpt.planner.hardware import cuda_device_type
+
+    props = torch.cuda.get_device_properties(dev)
+    return cuda_device_type(props.name, props.total_memory)
+
+
+def layer_curve(cfg, seq: int, dev: torch.device | None = None,
+                dtype: str = "fp32") -> tuple[list[list[float]], float]:
     """[(tokens, FLOP/s)] for one block, and measured/modelled activation bytes at micro-batch 1."""
     from distgpt.model.gpt import Block
     from distgpt.model.presets import layer_params
     from distgpt.planner.cost import Workload, layer_activation_bytes
 
-    block = Block(cfg)
+    dev = dev or torch.device("cpu")
+    block = Block(cfg).to(dev)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")  # noqa: E731
     curve = []
     for b in MICRO:
-        x = torch.randn(b, seq, cfg.n_embd, requires_grad=True)
+        x = torch.randn(b, seq, cfg.n_embd, requires_grad=True, device=dev)
 
         def step(x=x):
-            block(x).sum().backward()
+            with autocast():
+                y = block(x)
+            y.float().sum().backward()
 
-        t = _time(step)
+        t = _time(step, dev=dev)
         curve.append([b * seq, b * seq * (6 * layer_params(cfg) + 12 * cfg.n_embd * seq) / t])
     saved: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}  # counted with the model states
@@ -65,11 +99,11 @@ def layer_curve(cfg, seq: int) -> tuple[list[list[float]], float]:
             saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    x = torch.randn(1, seq, cfg.n_embd, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    x = torch.randn(1, seq, cfg.n_embd, requires_grad=True, device=dev)
+    with autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = block(x)
     del y
-    model = layer_activation_bytes(Workload(cfg, 1, seq, "fp32"), 1, 1, False, flash=True)  # SDPA's CPU kernel
+    model = layer_activation_bytes(Workload(cfg, 1, seq, dtype), 1, 1, False, flash=True)  # SDPA's flash kernel
     return curve, sum(saved.values()) / model
 
 
@@ -100,13 +134,14 @@ def speed_reference(repeats: int = 7) -> float:
         torch.set_num_threads(threads)
 
 
-def allreduce_fit() -> tuple[float, float]:
+def allreduce_fit(dev: torch.device | None = None) -> tuple[float, float]:
     """(bandwidth bytes/s, per-hop latency s) from all-reduce timings at several sizes."""
     n = dist.get_world_size()
     xs, ys = [], []
-    for numel in (2**14, 2**18, 2**20, 2**22):
-        buf = torch.ones(numel)
-        t = _time(lambda buf=buf: dist.all_reduce(buf))
+    big = (2**24, 2**26) if dev is not None and dev.type == "cuda" else ()  # NVLink needs large messages to fill
+    for numel in (2**14, 2**18, 2**20, 2**22, *big):
+        buf = torch.ones(numel, device=dev)
+        t = _time(lambda buf=buf: dist.all_reduce(buf), dev=dev)
         xs.append(2 * (n - 1) / n * numel * 4)
         ys.append(t)
     # t = hops·latency + bytes/bw: least squares on (bytes, t).
@@ -122,26 +157,35 @@ def worker(out: str, job_path: str, overrides: list[str]) -> None:
     from distgpt.parallel.mesh import init_distributed, shutdown_distributed
     from distgpt.planner.calibrate import DeviceProfile, save_profile
 
+    dev = _device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    key = profile_key(dev)  # an uncatalogued GPU is named before anything is measured
     init_distributed()
     overhead = _rss()
     job = load_job(job_path, overrides)
     cfg = job.gpt_config(job.model.vocab_size or 257)
     torch.manual_seed(0)
-    curve, act_scale = layer_curve(cfg, job.seq_len)
-    bw, latency = allreduce_fit()
+    bw, latency = allreduce_fit(dev)  # first: NCCL's communicator and buffers exist from here on
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        overhead, mem = total - free - torch.cuda.memory_allocated(dev), float(total)
+    else:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / dist.get_world_size()
+    curve, act_scale = layer_curve(cfg, job.seq_len, dev, "bf16" if dev.type == "cuda" else "fp32")
     curves = [None] * dist.get_world_size()
     dist.all_gather_object(curves, curve)
     if dist.get_rank() == 0:
         # Ranks measured side by side; the planner must expect the slowest of them.
         merged = [[curve[i][0], min(r[i][1] for r in curves)] for i in range(len(curve))]
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / dist.get_world_size()
         prof = DeviceProfile(tuple(map(tuple, merged)), bw, latency, 0.0, act_scale, overhead, mem)
-        save_profile(out, {"cpu": prof}, {"ranks": dist.get_world_size(), "seq_len": job.seq_len,
+        save_profile(out, {key: prof}, {"ranks": dist.get_world_size(), "seq_len": job.seq_len,
                                           "n_embd": cfg.n_embd, "peak_rss": resource.getrusage(
                                               resource.RUSAGE_SELF).ru_maxrss * 1024})
-        print(f"wrote {out}: layer FLOP/s {[f'{f / 1e9:.1f}G@{int(t)}tok' for t, f in merged]}, all-reduce "
-              f"{bw / 1e9:.2f} GB/s + {latency * 1e6:.0f} µs/hop, act_scale {act_scale:.2f}, "
-              f"overhead {overhead / 2**20:.0f} MiB/rank")
+        flops = [f"{f / 1e9:.1f}G@{int(t)}tok" for t, f in merged]
+        print(f"wrote {out} ({key}): layer FLOP/s {flops}, all-reduce {bw / 1e9:.2f} GB/s + "
+              f"{latency * 1e6:.0f} µs/hop, act_scale {act_scale:.2f}, overhead {overhead / 2**20:.0f} MiB/rank")
     shutdown_distributed()  # not at interpreter exit, where gloo's threads may abort the process after success
 
 
@@ -159,7 +203,9 @@ MECHANISMS = {
 
 
 def run(job: str, overrides: list[str], out: str, nproc: int) -> int:
-    """Measure devices under torchrun on loopback, then each parallel mechanism's overhead (needs ≥ 2 ranks)."""
+    """Measure devices under torchrun on loopback, then each parallel mechanism's overhead (needs ≥ 2 ranks).
+    ``nproc`` 0: one rank per GPU, else per core."""
+    nproc = nproc or torch.cuda.device_count() or os.cpu_count() or 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -179,15 +225,17 @@ def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: i
 
     from distgpt.planner.calibrate import device_models, load_profile, save_profile
 
-    prof = load_profile(out)["cpu"]
-    devices = device_models({"cpu": prof})
+    (dev_key, prof), = load_profile(out).items()  # the one device type this machine has
+    devices = device_models({dev_key: prof})
+    gpu = dev_key != "cpu"
+    calib = [*CALIB, *(["--plan.dtype='bf16'"] if gpu else [])]
     per_micro, per_step, mems = [], [], []
     reference = speed_reference()
     with tempfile.TemporaryDirectory() as tmp:
         for key, extra in MECHANISMS.items():
             # two micro-batch counts separate the cost paid per micro-batch from the cost paid once per step
-            points = [_mechanism_point(job_path, [*overrides, *CALIB, *extra, f"--plan.micro_batch_size={mb}"],
-                                       devices, steps, tmp) for mb in (2, 4)]
+            points = [_mechanism_point(job_path, [*overrides, *calib, *extra, f"--plan.micro_batch_size={mb}"],
+                                       devices, steps, tmp, dev_key) for mb in (2, 4)]
             if any(isinstance(pt, str) for pt in points):
                 # a profile without this mechanism would let the planner trust the bare formulas for it
                 print(f"  WARNING: calibration of {key} failed twice, so the profile has no measured cost for it "
@@ -204,16 +252,18 @@ def calibrate_mechanisms(out: str, job_path: str, overrides: list[str], steps: i
                   f"the formulas; {m1 / 2**20:+.0f} MiB")
     prof = dataclasses.replace(prof, engine_time=tuple(per_micro), engine_step_time=tuple(per_step),
                                engine_memory=tuple(mems))
-    save_profile(out, {"cpu": prof}, {"calibration_config": CALIB, "reference_s": reference})
+    save_profile(out, {dev_key: prof}, {"calibration_config": calib, "reference_s": reference})
 
 
-def _mechanism_point(job_path: str, args: list[str], devices: dict, steps: int, tmp: str) -> tuple | str:
+def _mechanism_point(job_path: str, args: list[str], devices: dict, steps: int, tmp: str,
+                     key: str = "cpu") -> tuple | str:
     """``_mechanism_extra``, tried once more if the run fails (a two-rank run on a busy machine can)."""
-    first = _mechanism_extra(job_path, args, devices, steps, tmp)
-    return _mechanism_extra(job_path, args, devices, steps, tmp) if isinstance(first, str) else first
+    first = _mechanism_extra(job_path, args, devices, steps, tmp, key)
+    return _mechanism_extra(job_path, args, devices, steps, tmp, key) if isinstance(first, str) else first
 
 
-def _mechanism_extra(job_path: str, args: list[str], devices: dict, steps: int, tmp: str) -> tuple | str:
+def _mechanism_extra(job_path: str, args: list[str], devices: dict, steps: int, tmp: str,
+                     key: str = "cpu") -> tuple | str:
     """(micro-batches per step, measured − modelled seconds per local layer, measured − modelled peak bytes), or
     why it could not be measured."""
     from distgpt.bench.parallel_bench import launch
@@ -225,9 +275,9 @@ def _mechanism_extra(job_path: str, args: list[str], devices: dict, steps: int, 
 
     job = load_job(job_path, args)
     vocab = ensure_prepared(job, progress=lambda s: None)["tokenizer"]["vocab_size"]
-    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len, "fp32")
+    w = Workload(job.gpt_config(vocab), job.train.global_batch_size, job.seq_len, job.plan.dtype)
     plan = job.plan
-    pred = predict(plan, w, inventory_from_dict({"nodes": [{"device": "cpu", "count": 2}]}), devices)
+    pred = predict(plan, w, inventory_from_dict({"nodes": [{"device": key, "count": 2}]}), devices)
     got = launch(2, job_path, args, steps, False, tmp)
     if "error" in got or isinstance(pred, str):
         return str(got.get("error") or pred)

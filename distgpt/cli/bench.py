@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from distgpt.cli import Command
 
@@ -178,7 +177,7 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
 def _hardware_args(p: argparse.ArgumentParser) -> None:
     _job("jobs/bench-parallel.toml")(p)
     p.add_argument("--out", default="profile.json")
-    p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="worker ranks (default: CPU cores)")
+    p.add_argument("--nproc", type=int, default=0, help="worker ranks (default: one per GPU, else per CPU core)")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:

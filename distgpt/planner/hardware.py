@@ -94,3 +94,20 @@ def device_type(name: str) -> DeviceType:
         if real.lower() == key.lower():
             return CATALOG[real]
     raise KeyError(f"unknown device type {name!r}; known: {', '.join(CATALOG)}")
+
+
+def cuda_device_type(name: str, total_memory: float = 0.0) -> str:
+    """The catalog name of a GPU as CUDA reports it (``torch.cuda.get_device_properties(d).name``, its memory in
+    bytes); KeyError naming the GPU when the catalog has no entry for it."""
+    n = name.upper().replace("NVIDIA", "").replace("GEFORCE", "").replace("TESLA", "").strip()
+    rules = (("H200", "H200"), ("H100", "H100-PCIe" if "PCIE" in n or "NVL" in n else "H100-SXM"),
+             ("A100", "A100-80GB" if total_memory > 60e9 or "80G" in n else "A100-40GB"), ("L40S", "L40S"),
+             ("A10G", "A10G"), ("V100", "V100"), ("4090", "RTX4090"), ("3090", "RTX3090"))
+    for token, catalog in rules:
+        if token in n:
+            return catalog
+    for token, catalog in (("L4", "L4"), ("T4", "T4"), ("A10", "A10G")):  # short names last: 'L4' is in 'L40S'
+        if n == token or n.startswith(token + " ") or n.startswith(token + "-"):
+            return catalog
+    raise KeyError(f"GPU {name!r} is not in distgpt's device catalog (planner/hardware.py); add it there with its "
+                   f"datasheet figures, then run `distgpt bench hardware` again")

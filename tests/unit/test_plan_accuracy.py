@@ -219,7 +219,7 @@ def _saved_per_layer(cfg, seq: int, dtype: str, attention: str) -> tuple[float, 
     for b in (1, 3):
         seen: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
             if t.untyped_storage().data_ptr() not in weights:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
@@ -245,3 +245,23 @@ def test_activation_memory_is_what_the_block_keeps(dtype, attention, h, heads, s
     params = 12 * h * h + 9 * h  # the block's weights and biases (LayerNorms' stay fp32)
     assert fixed == pytest.approx(2 * (12 * h * h + 4 * h) if dtype == "bf16" else 0, abs=4 * h * 8 + 64)
     assert cost.autocast_weight_bytes(params, "ddp", dtype) == pytest.approx(2 * params if dtype == "bf16" else 0)
+
+
+@pytest.mark.parametrize("name, memory, catalog", [
+    ("NVIDIA H100 80GB HBM3", 85e9, "H100-SXM"), ("NVIDIA H100 PCIe", 85e9, "H100-PCIe"),
+    ("NVIDIA H200", 150e9, "H200"),
+    ("NVIDIA A100-SXM4-80GB", 85e9, "A100-80GB"), ("NVIDIA A100-SXM4-40GB", 42e9, "A100-40GB"),
+    ("NVIDIA L40S", 48e9, "L40S"), ("NVIDIA L4", 24e9, "L4"), ("NVIDIA A10G", 24e9, "A10G"),
+    ("Tesla V100-SXM2-32GB", 34e9, "V100"), ("Tesla T4", 16e9, "T4"), ("NVIDIA GeForce RTX 4090", 25e9, "RTX4090"),
+])
+def test_a_gpu_as_cuda_names_it_maps_to_its_catalog_entry(name, memory, catalog):
+    from distgpt.planner.hardware import CATALOG, cuda_device_type
+
+    assert cuda_device_type(name, memory) == catalog and catalog in CATALOG
+
+
+def test_an_uncatalogued_gpu_is_named_with_the_fix():
+    from distgpt.planner.hardware import cuda_device_type
+
+    with pytest.raises(KeyError, match="'NVIDIA B300' is not in distgpt's device catalog"):
+        cuda_device_type("NVIDIA B300", 288e9)
