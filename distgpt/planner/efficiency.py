@@ -14,7 +14,7 @@ layer's forward + backward for one micro-batch is modelled as the sum of what bo
   the micro-batch is small.
 
 Recomputation repeats the forward: every term × 4/3. Without flash attention the T×T scores are also written and
-read back (``SCORE_PASSES``, not fitted: every published run below uses flash attention).
+read back (``SCORE_PASSES``, not fitted: every run the figures are fitted to uses flash attention).
 
 The figures are fitted (``distgpt bench plan-accuracy --table … --fit``, ``planner/accuracy.py``) to the rows marked
 ``fit`` of ``planner/data/published_runs.csv``: the llm-foundry MPT training benchmarks on one node of 8 GPUs
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROWS_HALF = 128.0
-"""Tokens per micro-batch at which GEMM efficiency halves (not fitted: every published run below has 2,048 or more;
+"""Tokens per micro-batch at which GEMM efficiency halves (not fitted: every fitted run has 2,048 tokens or more;
 128 is the tile height of cuBLAS / CUTLASS tensor-core kernels, so fewer rows leave most of each tile idle)."""
 SCORE_PASSES = 8.0
 """Bytes moved per score element (× activation bytes) without flash attention: written, softmaxed, read for the
