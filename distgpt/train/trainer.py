@@ -259,9 +259,9 @@ class Trainer:
     def _one_step(self, result: TrainResult, sink: Sink | None, bar, peak: float) -> None:
         """Hooks, one optimizer step, its metrics (one host sync per log interval), the checkpoint cadence."""
         t = self.job.train
+        t0 = time.perf_counter()  # a straggling rank's delay (a 'slow' drill) is part of the step it slows
         if self.hooks is not None:
             self.hooks.before_step(self.step)
-        t0 = time.perf_counter()
         loss, norm = self.train_step()
         self._pending.append(loss)
         result.step_times.append(time.perf_counter() - t0)

@@ -135,13 +135,15 @@ def row_of(trial, arms: list[Arm], max_t: int) -> TrialRow:
 
 
 def build(arms: list[Arm], devices: list[str], trials: list, wall_s: float, planned: int,
-          max_t: int) -> TuneReport:
-    """The report of a finished (or interrupted) tune."""
+          max_t: int, injected: set[int] | None = None) -> TuneReport:
+    """The report of a finished (or interrupted) tune. Trials ``injected`` with a fault (a drill's straggler) rank
+    by what they measured but are no evidence about their plan's costs: the refit leaves them out."""
     rows = sorted((row_of(t, arms, max_t) for t in trials), key=lambda r: r.n)
     interrupted = len(rows) < planned or any(r.status == "interrupted" for r in rows)
     usable = [r for r in rows if r.status in ("finished", "stopped") and r.steps >= 2]
     best = max(usable, key=lambda r: r.score, default=None)
-    points = [arms[r.arm].measured(r.measured_s, r.peak_gb * 2**30) for r in usable if arms[r.arm].predicted_s]
+    points = [arms[r.arm].measured(r.measured_s, r.peak_gb * 2**30) for r in usable
+              if arms[r.arm].predicted_s and r.n not in (injected or set())]
     return TuneReport(rows, best, wall_s, interrupted, devices, errors(points) if points else None, points)
 
 

@@ -104,7 +104,7 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
                                                      failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     trials = grid._experiment_analysis.trials  # Tune's Trial objects: their status tells stopped from interrupted
-    rep = report.build(arms, devices, trials, time.monotonic() - t0, n, o.steps + 1)
+    rep = report.build(arms, devices, trials, time.monotonic() - t0, n, o.steps + 1, injected=set(o.faults or {}))
     report.write(rep, o.out, arms, o.profile, log)
     if rep.interrupted:
         log(f"\ninterrupted: {len(rep.rows)} of {n} trials started; resume with the same command and --resume")

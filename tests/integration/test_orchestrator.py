@@ -88,8 +88,8 @@ def _steps_so_far(out: Path) -> list[int]:
 
 def test_nodes_that_join_are_used_after_a_growth_replan(ray_cluster, tiny_data, tmp_path):
     """The other direction: a node joins mid-run (an operator or the autoscaler adding it); with cluster.grow =
-    'replan' the controller checkpoints, re-plans onto the grown cluster, resumes resharded (FSDP dp2 → DDP dp1 here,
-    the planner's choices for this model on L4 ×2 and then with an H100 node) and logs tokens/s before and after."""
+    'replan' the controller checkpoints, re-plans onto the grown cluster, resumes there (DDP dp2 on L4 ×2, then on the
+    H100 node's two slots: the planner's choices for this model) and logs tokens/s before and after."""
     out: dict = {}
     args = ["--train.max_steps=150", "--model.n_embd=64", "--train.global_batch_size=32", "--cluster.plan=auto",
             "--cluster.grow=replan", "--cluster.grow_check_s=0.5", "--checkpoint.interval=1000"]
@@ -106,7 +106,7 @@ def test_nodes_that_join_are_used_after_a_growth_replan(ray_cluster, tiny_data, 
     s = out["s"]
     assert s["state"] == "finished" and not s["recoveries"]  # growth is not a failure
     first, last = (Plan.from_json(p["plan"]) for p in (s["placements"][0], s["placements"][-1]))
-    assert (first.dp, first.dp_engine, last.dp, last.replica_devices) == (2, "fsdp", 1, ("H100-SXM",))
+    assert (first.dp, first.replica_devices, last.dp, last.replica_devices) == (2, ("L4",) * 2, 2, ("H100-SXM",) * 2)
     assert set(s["placements"][-1]["nodes"].values()) == {h100.node_id}
     (grew,) = [g for g in s["growths"] if g["stage"] == "measured"]
     assert grew["tokens_per_s_before"] > 0 and grew["tokens_per_s_after"] > 0 and "H100-SXM ×2" in grew["detail"]

@@ -83,6 +83,8 @@ def test_tune_plans_early_stop_failure_and_write_back(ray_cluster, tiny_data, tm
     after = {a.plan: a.predicted_s for a in plan_arms(load_job(REPO / "jobs" / "tiny.toml", [
         f"--data.prepared={tiny_data}"]), inv, devices=device_models(load_profile(os.path.join(out, "profile.json"))))}
     for r in measured:
+        if r.n == 2:  # the injected straggler ranks by what it measured but is left out of the refit
+            continue
         plan = Plan.from_json(json.dumps(arms[r.arm]["plan"]))
         if plan in after:
             assert abs(after[plan] - r.measured_s) < abs(r.predicted_s - r.measured_s), (r, after[plan])
