@@ -157,6 +157,9 @@ class Controller:
         for line in st.logs:
             self.emit(LogEvent(line))
         self.watchdog.observe(st.step)
+        if st.step is not None:  # how far the ranks get between two polls: a checkpoint notice must land ahead
+            self._per_poll = max(getattr(self, "_per_poll", 0) // 2, st.step - getattr(self, "_polled", st.step))
+            self._polled = st.step
         if st.step is not None and self.recoveries and self.recoveries[-1].resumed_at is None \
                 and self.watchdog.started:
             rec = self.recoveries[-1]
@@ -201,8 +204,9 @@ class Controller:
             if g is not None and g.plan is None:
                 self.emit(GrowthEvent("kept", step, current, current, g.detail))
             elif g is not None and g.plan is not None:
-                w.pending = (step + 2, g)
-                self.group.checkpoint_at(step + 2)
+                at = step + self._ahead()
+                w.pending = (at, g)
+                self.group.checkpoint_at(at)
                 self.emit(GrowthEvent("detected", step, current, g.plan.describe(), g.detail))
             return
         at, g = w.pending
@@ -216,12 +220,18 @@ class Controller:
         w.replanned(self.events[-1], self.clock())
         self._to(State.SCHEDULING, f"grow: {g.plan.describe()}")
 
+    def _ahead(self) -> int:
+        """Steps ahead of the last polled one at which to ask for a checkpoint: at least 2, and twice what the ranks
+        ran between recent polls (fast steps outrun the poll; a rank already past the step would drain unsaved)."""
+        return max(2, 2 * getattr(self, "_per_poll", 0))
+
     def preempt(self, rank: int, step: int) -> None:
         """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the
         node go and re-plan without it."""
         assert self.group is not None
-        self._preempt = (step + 2, rank, self.group.nodes.get(rank, ""))
-        self.group.checkpoint_at(step + 2)
+        at = step + self._ahead()
+        self._preempt = (at, rank, self.group.nodes.get(rank, ""))
+        self.group.checkpoint_at(at)
 
     def _check_preemption(self) -> None:
         """Once the checkpoint a preemption asked for is committed, the node may go: fail over without it."""

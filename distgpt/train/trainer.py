@@ -323,6 +323,12 @@ class Trainer:
             where = self.save_checkpoint()
             if self.is_logger:
                 self._say(bar, f"step {self.step}: checkpoint {where}")
+            if requested:
+                # A driver's request (preemption, growth) is acted on once the save is committed, and the ranks stop
+                # stepping right after it — so nothing would poll a background upload to its commit: wait here.
+                done = self.saves.finish()
+                if done and self.is_logger:
+                    self._say(bar, f"checkpoint {done}")
 
     def _say(self, bar, line: str) -> None:
         """A message between steps: above the progress bar here, or to ``log`` when a driver shows the progress."""
