@@ -101,6 +101,8 @@ class Controller:
     """Elastic growth: its probe says when joined nodes make a better Plan (default: never)."""
     _failure: Failure | None = None
     _recorded: set[tuple[Any, Any]] = field(default_factory=set)  # (kind, step) of every record emitted
+    _per_poll: int = 0  # steps the ranks ran between recent polls (a checkpoint notice must land ahead of them)
+    _polled: int | None = None  # the step the last poll saw
     _preempt: Notice | None = None  # a pending preemption notice
     drills: ControllerDrills = field(init=False)
 
@@ -158,7 +160,8 @@ class Controller:
             self.emit(LogEvent(line))
         self.watchdog.observe(st.step)
         if st.step is not None:  # how far the ranks get between two polls: a checkpoint notice must land ahead
-            self._per_poll = max(getattr(self, "_per_poll", 0) // 2, st.step - getattr(self, "_polled", st.step))
+            last = st.step if self._polled is None else self._polled
+            self._per_poll = max(self._per_poll // 2, st.step - last)
             self._polled = st.step
         if st.step is not None and self.recoveries and self.recoveries[-1].resumed_at is None \
                 and self.watchdog.started:
@@ -223,7 +226,7 @@ class Controller:
     def _ahead(self) -> int:
         """Steps ahead of the last polled one at which to ask for a checkpoint: at least 2, and twice what the ranks
         ran between recent polls (fast steps outrun the poll; a rank already past the step would drain unsaved)."""
-        return max(2, 2 * getattr(self, "_per_poll", 0))
+        return max(2, 2 * self._per_poll)
 
     def preempt(self, rank: int, step: int) -> None:
         """A preemption notice for ``rank``'s node: checkpoint two steps ahead (every rank gets there), then let the
