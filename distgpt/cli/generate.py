@@ -42,11 +42,11 @@ def _eager(args: argparse.Namespace, cfg) -> Iterator[str]:
 
 def _compiled(args: argparse.Namespace, cfg) -> Iterator[str]:
     """The static-cache decoder through torch.compile (``distgpt export --optimize`` explains)."""
-    from distgpt.cli.infer import _needs_compiler
     from distgpt.infer.artifact import load_runner
     from distgpt.infer.batcher import Batcher, generate_text
+    from distgpt.infer.options import needs_compiler
 
-    _needs_compiler("compiled")
+    needs_compiler("compiled")
     runner, tok, _ = load_runner(args.checkpoint, "compiled", 1, args.device)
     batcher = Batcher(runner)
     text = generate_text(batcher, tok, tok.encode(args.prompt)[-(runner.block_size - 1):], cfg, tuple(args.stop or ()))

@@ -9,12 +9,10 @@ import warnings
 
 from distgpt.cli import Command
 from distgpt.config_schema import ConfigError
-from distgpt.errors import DistgptError
+from distgpt.infer.options import InferError, ServeSpec, needs_compiler
 from distgpt.redact import redact
 
-
-class InferError(DistgptError):
-    """A model cannot be prepared for inference (no compiler, bad option); the message says what to do."""
+__all__ = ["COMMANDS", "InferError", "InferWarning"]
 
 
 class InferWarning(UserWarning):
@@ -26,17 +24,6 @@ def _no_overrides(overrides: list[str], command: str) -> None:
         raise ConfigError([f"unexpected arguments: {' '.join(overrides)}"], f"distgpt {command}")
 
 
-def _needs_compiler(engine: str) -> None:
-    """torch.compile on CPU builds C++; without a compiler say so once instead of a deep traceback."""
-    if engine != "compiled":
-        return
-    import shutil
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise InferError("the compiled engine needs a C++ compiler on this machine (torch.compile builds C++ "
-                         "kernels on CPU) — install g++ or use --engine eager")
-
-
 def export(args: argparse.Namespace, overrides: list[str]) -> int:
     """Write an inference artifact (optionally compiled-and-checked, optionally int8)."""
     _no_overrides(overrides, "export")
@@ -44,7 +31,7 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
     from distgpt.infer.runner import EngineSpec
 
     spec = EngineSpec("compiled" if args.optimize else "eager", args.max_batch, args.autotune, args.quantize)
-    _needs_compiler(spec.engine)
+    needs_compiler(spec.engine)
     if spec.engine == "compiled":
         print("compiling prefill and decode to check the artifact (a minute or two on CPU) …", file=sys.stderr)
     r = export_artifact(args.checkpoint, args.out, spec)
@@ -59,29 +46,12 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if r.matches_eager is not False else 1
 
 
-def _runner(args: argparse.Namespace, max_batch: int | None):
-    from distgpt.infer.artifact import load_runner
-
-    runner, tok, meta = load_runner(args.model, args.engine, max_batch, args.device)
-    _needs_compiler(runner.spec.engine)
-    if runner.spec.engine == "compiled":
-        print("compiling (the first start on a machine takes a minute or two; later starts reuse the cache) …",
-              file=sys.stderr, flush=True)
-        runner.warmup(runner.batch_buckets[:2], [16])
-    return runner, tok, meta
-
-
 def serve(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Serve the model over an OpenAI-compatible HTTP API."""
+    """Serve the model over an OpenAI-compatible HTTP API (one process, or replicas on Ray Serve with ``--ray``)."""
     _no_overrides(overrides, "serve")
-    from distgpt.infer.api import Limits
-    from distgpt.infer.batcher import Batcher
-    from distgpt.infer.server import Service, serve_forever
-
-    bad = [f"--{k.replace('_', '-')} must be positive, got {v}" for k, v in
-           (("max_batch", args.max_batch), ("max_prompt_tokens", args.max_prompt_tokens),
-            ("max_new_tokens", args.max_new_tokens), ("max_concurrent", args.max_concurrent))
-           if v is not None and v < 1]
+    spec = ServeSpec(args.model, args.engine, args.device, args.max_batch, args.max_prompt_tokens,
+                     args.max_new_tokens, args.max_concurrent, args.name or "")
+    bad = spec.problems()
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be 0..65535, got {args.port}")
     try:
@@ -94,24 +64,31 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     if public:
         warnings.warn(f"serving on {args.host}: anyone who can reach this address can use the model "
                       "(there is no authentication)", InferWarning, stacklevel=1)
-    runner, tok, _ = _runner(args, args.max_batch)
-    block = runner.block_size
-    limits = Limits(min(args.max_prompt_tokens or block - 1, block - 1), args.max_new_tokens or block,
-                    args.max_concurrent or 4 * runner.spec.max_batch)
-    batcher = Batcher(runner, limits.max_concurrent)
-    name = args.name or args.model.rstrip("/").rsplit("/", 1)[-1]
+    if args.ray:
+        from distgpt.cli.serve_ray import serve_on_ray
+
+        return serve_on_ray(args, spec)
+    return _serve_here(args, spec)
+
+
+def _serve_here(args: argparse.Namespace, spec: ServeSpec) -> int:
+    from distgpt.infer.server import serve_forever
+    from distgpt.infer.service import open_service
+
+    svc = open_service(spec)
+    runner = svc.batcher.runner
 
     def announce(url: str) -> None:
-        print(f"serving {name} on {url} ({runner.spec.engine}, {runner.spec.max_batch} slots) — OpenAI API: "
+        print(f"serving {svc.name} on {url} ({runner.spec.engine}, {runner.spec.max_batch} slots) — OpenAI API: "
               f"/v1/completions /v1/chat/completions /v1/models /health; chat: distgpt chat --server {url}",
               flush=True)
 
     try:
-        serve_forever(Service(name, tok, batcher, limits), args.host, args.port, announce)
+        serve_forever(svc, args.host, args.port, announce)
     except OSError as e:
         raise InferError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     finally:
-        batcher.close()
+        svc.batcher.close()
     return 0
 
 
@@ -125,8 +102,9 @@ def chat(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.model:
         raise InferError("give a model (a run's final/ directory, an export, a checkpoint root) or --server URL")
     from distgpt.infer.batcher import Batcher
+    from distgpt.infer.service import open_runner
 
-    runner, tok, _ = _runner(args, 1)
+    runner, tok, _ = open_runner(args.model, args.engine, 1, args.device)
     batcher = Batcher(runner)
     try:
         return repl(LocalBackend(batcher, tok, args.model), temperature=args.temperature,
@@ -160,6 +138,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, help="default: the model's context - 1")
     p.add_argument("--max-new-tokens", type=int, help="default: the model's context")
     p.add_argument("--max-concurrent", type=int, help="running + waiting requests (default: 4 × slots)")
+    from distgpt.cli.serve_ray import add_arguments
+
+    add_arguments(p)
 
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,18 +25,42 @@ PROBE_PROMPTS = ("\n", "The ", "And ", "What ", "I ", "O, ", "Thou ", "My lord")
 
 def read_model(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """(model, tokenizer, metadata) of a model directory, an artifact, or a checkpoint root's latest commit."""
-    if is_model_dir(uri):
+    if check_model(uri) == "model":
         return load_model_dir(uri, device)
     from distgpt.checkpoint.export import read_checkpoint_model
+
+    model, tok, manifest = read_checkpoint_model(uri)
+    return model.to(device).eval(), tok, {"step": manifest.get("step"), "source": storage.redact(uri)}
+
+
+def check_model(uri: str) -> str:
+    """'model' (a model directory or artifact) or 'checkpoint' (a root with a committed checkpoint); anything else is
+    a ``ModelDirError`` naming what to point at — cheap, so a launcher checks before starting replicas."""
+    if is_model_dir(uri):
+        return "model"
     from distgpt.checkpoint.layout import committed
 
     if not committed(uri):
         raise ModelDirError(f"{storage.redact(uri)} is not a model directory (no config.json) nor a checkpoint root "
                             "with a committed checkpoint — point at a run's final/ directory, a `distgpt export` "
                             "artifact, or a run's checkpoint.uri")
+    return "checkpoint"
 
-    model, tok, manifest = read_checkpoint_model(uri)
-    return model.to(device).eval(), tok, {"step": manifest.get("step"), "source": storage.redact(uri)}
+
+def stored_slots(uri: str) -> int:
+    """The cache slots a model is served with by default (its artifact's ``max_batch``), read from config.json
+    alone — without loading the weights."""
+    if check_model(uri) == "checkpoint":
+        return EngineSpec().max_batch
+    import json
+
+    from distgpt.checkpoint.export import CONFIG_FILE
+
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(uri, CONFIG_FILE)))
+    except ValueError as e:
+        raise ModelDirError(f"{storage.redact(uri)}/{CONFIG_FILE} is damaged ({e}) — export the model again") from None
+    return spec_of(meta if isinstance(meta, dict) else {}).max_batch
 
 
 def spec_of(meta: dict) -> EngineSpec:

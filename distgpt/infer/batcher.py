@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -106,6 +106,8 @@ class Batcher:
         self._closed = False
         self.steps = 0
         """Decode steps run (each serves every active request at once)."""
+        self.ended: Counter[str] = Counter()
+        """Requests ended, by why: stop, length, cancelled (the client left, or a stop sequence), error."""
         self._thread = threading.Thread(target=self._loop, name="distgpt-batcher", daemon=True)
         self._thread.start()
 
@@ -135,6 +137,7 @@ class Batcher:
     def _release(self, stream: Stream) -> None:
         with self._lock:
             self._open -= 1
+            self.ended[stream.finished.reason if stream.finished else "cancelled"] += 1
             self._lock.notify()
 
     def close(self) -> None:

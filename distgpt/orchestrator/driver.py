@@ -53,11 +53,22 @@ def connect(address: str, embedded_cpus: int = 0) -> str:
         _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return f"Ray cluster at {address}"
-    # Embedded default: this machine only. Without this variable, workers advertise the external address to gloo.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _loopback_only()
     cpus = embedded_cpus or os.cpu_count() or 1
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus)
     return f"embedded local Ray cluster ({cpus} CPUs, 127.0.0.1)"
+
+
+def _loopback_only() -> None:
+    """Keep an embedded cluster on 127.0.0.1. Without ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray resolves this
+    machine's external address (despite ``_node_ip_address``): its workers advertise it to gloo, the agents listen on
+    it and every process connects to the GCS through it. Ray reads the variable once, when it is imported — this
+    module imports Ray first, so setting it now alone is too late for this process (measured: a task then reports the
+    external address) — so the constant read from it is set too; the processes Ray starts inherit the variable."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
 
 
 def _already_connected(address: str) -> str:

@@ -3,10 +3,13 @@ started again with the same job (it resumes from the latest committed checkpoint
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,3 +142,32 @@ def test_distgpt_submit_status_logs_list_and_stop(ray_cluster, tiny_data, tmp_pa
     assert "no job 'raysubmit_nope' on this cluster" in capsys.readouterr().err
     assert main(["list", "--address", "http://127.0.0.1:9"]) == 2
     assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+EMBEDDED = """
+import json, ray
+from distgpt.orchestrator.driver import connect
+label = connect("", embedded_cpus=1)
+ip = ray.remote(num_cpus=0)(lambda: ray.util.get_node_ip_address())
+print(json.dumps({"label": label, "gcs": ray.get_runtime_context().gcs_address, "task": ray.get(ip.remote()),
+                  "nodes": [n["NodeManagerAddress"] for n in ray.nodes()]}))
+ray.shutdown()
+"""
+
+
+def test_the_embedded_cluster_stays_on_loopback(tmp_path):
+    """`distgpt train` / `serve --ray` without an address start their own cluster: every address in it is 127.0.0.1
+    even when the user's environment does not say so (Ray reads its loopback switch when it is imported, before
+    distgpt could set it)."""
+    env = _env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    short = Path(tempfile.mkdtemp(prefix="dgemb", dir="/tmp"))
+    env["RAY_TMPDIR"] = str(short)
+    try:
+        p = subprocess.run([sys.executable, "-c", EMBEDDED], capture_output=True, text=True, timeout=180, env=env)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["label"].startswith("embedded") and got["gcs"].startswith("127.0.0.1:")
+    assert got["task"] == "127.0.0.1" and got["nodes"] == ["127.0.0.1"], got

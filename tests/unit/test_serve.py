@@ -129,11 +129,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     while b"data: " not in got:  # streaming has begun (headers and events may come in separate packets)
         got += sock.recv(65536)
     assert srv.svc.batcher.open_requests == 1
+    cancelled = srv.svc.batcher.ended["cancelled"]
     sock.close()
     deadline = time.monotonic() + 5
     while srv.svc.batcher.open_requests and time.monotonic() < deadline:
         time.sleep(0.01)
     assert srv.svc.batcher.open_requests == 0, "the abandoned request still holds its slot"
+    assert srv.svc.batcher.ended["cancelled"] == cancelled + 1  # cancelled, not run to its 300 tokens
 
 
 @pytest.mark.parametrize(("body", "status", "says"), [

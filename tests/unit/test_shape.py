@@ -106,3 +106,18 @@ def test_every_user_error_derives_from_one_base_and_exits_2(tmp_path, capsys):
         assert main(["train", "jobs/tiny.toml", "--cluster.launcher=local", "--plan", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("distgpt: error:") and "--plan" in err and "Traceback" not in err
+
+
+RAY_HOMES = ("distgpt/orchestrator/", "distgpt/tune/", "distgpt/infer/ray_serve.py",
+             # benchmarks of Ray itself: Ray Train against distgpt's actors, the autoscaler's reaction times
+             "distgpt/bench/ray_bench.py", "distgpt/bench/autoscale_bench.py")
+
+
+def test_only_the_orchestrator_tune_and_the_serve_module_import_ray():
+    import re
+
+    root = REPO
+    pattern = re.compile(r"^\s*(import ray\b|from ray[ .])", re.MULTILINE)
+    offenders = [str(p.relative_to(root)) for p in sorted((root / "distgpt").rglob("*.py"))
+                 if pattern.search(p.read_text()) and not str(p.relative_to(root)).startswith(RAY_HOMES)]
+    assert not offenders, f"these modules import Ray; move the Ray code into orchestrator/ or tune/: {offenders}"
