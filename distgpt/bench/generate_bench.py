@@ -18,6 +18,8 @@ import copy
 import http.client
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -151,34 +153,56 @@ def _load(port: int, concurrency: int, per_client: int, tokens: int, stream: boo
     return sum(r[1] for r in results) / elapsed, statistics.median(ttft), p99
 
 
+def _start(model_dir: str, args, replicas: int) -> tuple[subprocess.Popen, int]:
+    """A ``distgpt serve`` process (``replicas`` > 0: on Ray Serve, an embedded cluster, that many replicas sharing
+    this machine's cores) and the port it listens on."""
+    slots = str(max(args.levels))
+    cmd = [sys.executable, "-m", "distgpt", "serve", model_dir, "--max-batch", slots, "--engine", args.server_engine,
+           "--max-concurrent", str(4 * max(args.levels))]
+    if replicas:
+        with socket.socket() as s:  # Serve's proxy needs a port named in advance
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["--ray", "--replicas", str(replicas), "--port", str(port)]
+    else:
+        cmd += ["--port", "0"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
+
+
 def server(args) -> None:
-    """Part 2: a real server process under 1, 8 and 32 concurrent clients."""
+    """Part 2: a real server process under 1, 8 and 32 concurrent clients (and the same on Ray Serve)."""
     from distgpt.checkpoint.export import save_model_dir
 
     model, tok = _model(args)
+    print(f"server ({args.server_engine}, {max(args.levels)} slots): {args.server_tokens} tokens per request")
+    print(f"{'transport':>12} {'clients':>7} {'stream':>6} {'tokens/s':>9} {'× 1 client':>10} {'TTFT p50 ms':>12} "
+          f"{'p99 ms':>8} {'p99/p50':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(tmp, model, model.cfg, tok)
-        cmd = [sys.executable, "-m", "distgpt", "serve", tmp, "--port", "0", "--max-batch", str(max(args.levels)),
-               "--engine", args.server_engine, "--max-concurrent", str(4 * max(args.levels))]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        try:
-            line = proc.stdout.readline()
-            if "serving" not in line:
-                raise RuntimeError(f"the server did not start: {line!r}")
-            port = int(line.split("http://127.0.0.1:")[1].split()[0])
-            print(f"server ({args.server_engine}, {max(args.levels)} slots): {args.server_tokens} tokens per request")
-            print(f"{'clients':>7} {'stream':>6} {'tokens/s':>9} {'× 1 client':>10} {'TTFT p50 ms':>12} "
-                  f"{'p99 ms':>8} {'p99/p50':>7}")
-            base: dict[bool, float] = {}
-            for stream in (True, False):
-                for c in args.levels:
-                    tps, p50, p99 = _load(port, c, max(2, 64 // c) if c < 8 else 2, args.server_tokens, stream)
-                    base.setdefault(stream, tps)
-                    print(f"{c:7d} {str(stream):>6} {tps:9.1f} {tps / base[stream]:10.2f} {1e3 * p50:12.1f} "
-                          f"{1e3 * p99:8.1f} {p99 / p50:7.2f}", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        for replicas in [0, *args.ray_replicas]:
+            proc, port = _start(tmp, args, replicas)
+            name = f"ray × {replicas}" if replicas else "one process"
+            try:
+                base: dict[bool, float] = {}
+                for stream in (True, False) if not replicas else (True,):
+                    for c in args.levels:
+                        tps, p50, p99 = _load(port, c, max(2, 64 // c) if c < 8 else 2, args.server_tokens, stream)
+                        base.setdefault(stream, tps)
+                        print(f"{name:>12} {c:7d} {str(stream):>6} {tps:9.1f} {tps / base[stream]:10.2f} "
+                              f"{1e3 * p50:12.1f} {1e3 * p99:8.1f} {p99 / p50:7.2f}", flush=True)
+            finally:
+                proc.send_signal(signal.SIGINT)  # Ray Serve removes its app and stops its embedded cluster
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def run(args) -> int:

@@ -136,6 +136,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients")
     p.add_argument("--server-tokens", type=int, default=64, help="tokens per server request")
     p.add_argument("--server-engine", choices=("eager", "compiled"), default="compiled")
+    p.add_argument("--ray-replicas", type=int, nargs="*", default=[],
+                   help="also serve on Ray Serve with these replica counts (streaming only), e.g. 1 2")
 
 
 def init_bench(args: argparse.Namespace, overrides: list[str]) -> int:
