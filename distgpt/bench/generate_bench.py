@@ -74,29 +74,29 @@ def engines(args) -> dict:
     """Part 1: the table of engines at batch 1 (returns the measurements)."""
     from distgpt.infer.artifact import PROBE_PROMPTS, agreement
     from distgpt.infer.runner import EngineSpec, Runner
-    from distgpt.model.quant import quantize_int8
+    from distgpt.model.quant import quantize_int8, quantize_w8a8
 
     model, tok = _model(args)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     prompt = tok.encode(PROMPT)[: model.cfg.block_size // 4]
     n = min(args.tokens, model.cfg.block_size - len(prompt))
-    qmodel = copy.deepcopy(model)
     runners = {"static": Runner(model, EngineSpec("eager", 1)), "compiled": Runner(model, EngineSpec("compiled", 1)),
-               "int8": Runner(quantize_int8(qmodel), EngineSpec("compiled", 1))}
+               "int8": Runner(quantize_int8(copy.deepcopy(model)), EngineSpec("compiled", 1, quantize="int8")),
+               "w8a8": Runner(quantize_w8a8(copy.deepcopy(model)), EngineSpec("compiled", 1, quantize="w8a8"))}
     compile_s = {}
-    for name in ("compiled", "int8"):
+    for name in ("compiled", "int8", "w8a8"):
         start = time.perf_counter()
         runners[name].warmup([1], [len(prompt)])
         compile_s[name] = time.perf_counter() - start
     print(f"model: {params:.1f}M parameters ({'checkpoint' if args.checkpoint else 'random weights'}), prompt "
           f"{len(prompt)} tokens, {n} greedy tokens, {args.rounds} interleaved rounds, {torch.get_num_threads()} "
           f"threads", flush=True)
-    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("eager", "static", "compiled", "int8")}
+    rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ("eager", *runners)}
     for _ in range(args.rounds):
         rows["eager"].append(_eager(model, prompt, n))
         for name, runner in runners.items():
             rows[name].append(_runner_speed(runner, prompt, n))
-    agree = agreement(runners["int8"], runners["compiled"], tok)
+    agree = {k: agreement(runners[k], runners["compiled"], tok) for k in ("int8", "w8a8")}
     print(f"{'engine':10} {'tokens/s':>9} {'spread':>15} {'TTFT ms':>8} {'× eager':>8} {'compile s':>10}")
     for name, rs in rows.items():
         speeds = [r[1] for r in rs]
@@ -104,9 +104,10 @@ def engines(args) -> dict:
         print(f"{name:10} {statistics.median(speeds):9.1f} {min(speeds):7.1f}–{max(speeds):<7.1f} "
               f"{1e3 * statistics.median(r[0] for r in rs):8.1f} {ratio:8.2f} "
               f"{compile_s.get(name, 0):10.1f}")
-    c, q = (statistics.median(r[1] for r in rows[k]) for k in ("compiled", "int8"))
-    print(f"int8 vs compiled fp32: {q / c:.2f}× tokens/s; greedy agreement with fp32 {100 * agree:.1f}% "
-          f"(teacher-forced, {len(PROBE_PROMPTS)} prompts)")
+    for k in ("int8", "w8a8"):
+        ratio = statistics.median(q[1] / c[1] for q, c in zip(rows[k], rows["compiled"], strict=True))
+        print(f"{k} vs compiled fp32: {ratio:.2f}× tokens/s (median of the rounds' ratios); greedy agreement with "
+              f"fp32 {100 * agree[k]:.1f}% (teacher-forced, {len(PROBE_PROMPTS)} prompts)")
     return {"rows": rows, "agreement": agree, "compile_s": compile_s}
 
 

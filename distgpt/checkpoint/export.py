@@ -71,11 +71,13 @@ def load_model_dir(uri: str, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[
     if any(k.endswith(".weight.int8") for k in tensors):  # an int8 inference artifact (`distgpt export`)
         from distgpt.model.quant import unpack
 
+        mode = (meta.get("inference") or {}).get("quantize", "int8")
         try:
-            used = unpack(model, tensors)
+            used = unpack(model, tensors, "w8a8" if mode == "w8a8" else "int8")
         except ValueError as e:
             raise ModelDirError(f"{storage.redact(uri)}/{MODEL_FILE}: {e}") from None
-        quantised = {k.rsplit(".", 1)[0] for k in used}  # NAME.weight
+        # NAME.weight for torchao's int8 tensors; a W8A8Linear holds NAME.qweight and NAME.scale instead
+        quantised = {f"{k.rsplit('.', 2)[0]}.{leaf}" for k in used for leaf in ("weight", "qweight", "scale")}
         tensors = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in quantised and not (cfg.tie_embeddings and k == "lm_head.weight")]

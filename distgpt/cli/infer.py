@@ -124,7 +124,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run's final/ directory, a model directory, or a checkpoint root")
     p.add_argument("--out", required=True, help="directory (or object-store URI) to write the artifact to")
     p.add_argument("--optimize", action="store_true", help="serve it compiled (checked now: compiled = eager)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="weight-only int8 (torchao)")
+    p.add_argument("--quantize", choices=("none", "int8", "w8a8"), default="none",
+                   help="int8: weight-only int8 (torchao); w8a8: int8 weights and activations (CPU; fastest there)")
     p.add_argument("--max-batch", type=int, default=8, help="cache slots: requests decoded together")
     p.add_argument("--autotune", action="store_true", help="slower compile, faster decode")
 

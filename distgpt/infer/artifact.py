@@ -96,7 +96,7 @@ class ExportReport:
     compile_s: float | None
     """Seconds to compile prefill + batch-1 decode (None: not compiled)."""
     agreement: float | None
-    """Fraction of greedy tokens equal to the fp32 model's over ``PROBE_PROMPTS`` (int8 only)."""
+    """Fraction of greedy tokens equal to the fp32 model's over ``PROBE_PROMPTS`` (a quantised runner against fp32)."""
     matches_eager: bool | None
     """Compiled fp32 greedy tokens equal the eager model's (None: not checked)."""
 
@@ -135,15 +135,15 @@ def agreement(test: Runner, ref: Runner, tok: Tokenizer, n: int = 32) -> float:
 
 def export_artifact(src: str, out: str, spec: EngineSpec, check_tokens: int = 32) -> ExportReport:
     """Write the inference artifact of the model at ``src`` to ``out``; compile and check it when the spec says
-    compiled (greedy tokens equal to eager for fp32; agreement with fp32 for int8)."""
+    compiled (greedy tokens equal to eager for fp32; agreement with fp32 for int8 / w8a8)."""
     if spec.problems():
         raise ModelDirError("; ".join(spec.problems()))
     model, tok, meta = read_model(src)
     fp32 = Runner(model, replace(spec, engine="eager", quantize="none", max_batch=1))
-    if spec.quantize == "int8":
-        from distgpt.model.quant import pack, quantize_int8
+    if spec.quantize != "none":
+        from distgpt.model.quant import pack, quantize_int8, quantize_w8a8
 
-        served = quantize_int8(copy.deepcopy(model))
+        served = (quantize_int8 if spec.quantize == "int8" else quantize_w8a8)(copy.deepcopy(model))
         tensors = pack(served)
     else:
         tensors, served = model_tensors(model), model
@@ -151,12 +151,12 @@ def export_artifact(src: str, out: str, spec: EngineSpec, check_tokens: int = 32
     save_model_dir(out, tensors, model.cfg, tok, extra)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     compile_s = matches = agree = None
-    if spec.engine == "compiled" or spec.quantize == "int8":
+    if spec.engine == "compiled" or spec.quantize != "none":
         runner = Runner(served, replace(spec, max_batch=1))
         start = time.perf_counter()
         runner.warmup([1], [len(tok.encode(PROBE_PROMPTS[0]))])
         compile_s = time.perf_counter() - start if spec.engine == "compiled" else None
-        if spec.quantize == "int8":
+        if spec.quantize != "none":
             agree = agreement(runner, fp32, tok, check_tokens)
         else:
             ids = tok.encode(PROBE_PROMPTS[1]) or [0]

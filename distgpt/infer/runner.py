@@ -46,8 +46,9 @@ class EngineSpec:
     """Cache slots: the most requests decoded together."""
     autotune: bool = False
     """Let the compiler benchmark its own matrix-multiply kernels (slower to compile, faster to run)."""
-    quantize: Literal["none", "int8"] = "none"
-    """Weight-only int8 quantisation of every Linear (torchao)."""
+    quantize: Literal["none", "int8", "w8a8"] = "none"
+    """int8: weight-only int8 Linears (torchao); w8a8: int8 weights and per-row int8 activations (``torch._int_mm``,
+    CPU only; ``model.quant`` says why it is the fast one there)."""
 
     def problems(self) -> list[str]:
         """What is wrong with this spec, each with the fix."""
@@ -56,8 +57,8 @@ class EngineSpec:
             out.append(f"engine must be eager or compiled, got {self.engine!r}")
         if not 1 <= self.max_batch <= 1024:
             out.append(f"max_batch must be between 1 and 1024, got {self.max_batch}")
-        if self.quantize not in ("none", "int8"):
-            out.append(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.quantize not in ("none", "int8", "w8a8"):
+            out.append(f"quantize must be none, int8 or w8a8, got {self.quantize!r}")
         return out
 
 
@@ -92,6 +93,9 @@ class Runner:
         self.spec = spec
         self.decoder = StaticDecoder(model, spec.max_batch)
         self.device = next(model.parameters()).device
+        if spec.quantize == "w8a8" and self.device.type != "cpu":
+            # torch._int_mm on CUDA wants more than 16 rows; a decode step has one per request
+            raise ValueError("w8a8 runs on CPU only — on a GPU export with --quantize int8 (or none)")
         cfg = model.cfg
         self.block_size = cfg.block_size
         self.vocab_size = cfg.vocab_size

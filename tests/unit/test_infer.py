@@ -146,16 +146,20 @@ def test_fp32_artifact_reloads_to_the_same_tokens(model_dir, tmp_path):
     assert greedy_tokens(runner, prompt, 24) == list(generate_ids(small_model(), prompt, GREEDY))
 
 
-def test_int8_artifact_is_smaller_reloads_exactly_and_reports_agreement(model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_int8_artifact_is_smaller_reloads_exactly_and_reports_agreement(model_dir, tmp_path, mode):
     fp = export_artifact(model_dir, str(tmp_path / "fp"), EngineSpec("eager"))
-    q = export_artifact(model_dir, str(tmp_path / "q"), EngineSpec("eager", quantize="int8"))
+    q = export_artifact(model_dir, str(tmp_path / "q"), EngineSpec("eager", quantize=mode))
     assert q.bytes < 0.6 * fp.bytes
     assert 0.5 < q.agreement <= 1.0
     runner, _, meta = load_runner(str(tmp_path / "q"), max_batch=1)
-    assert meta["inference"]["quantize"] == "int8"
+    assert meta["inference"]["quantize"] == mode
     from torchao.quantization import Int8Tensor
 
-    assert isinstance(runner.decoder.model.layers["0"].mlp.fc1.weight, Int8Tensor)
+    from distgpt.model.quant import W8A8Linear
+
+    fc1 = runner.decoder.model.layers["0"].mlp.fc1
+    assert isinstance(fc1, W8A8Linear) if mode == "w8a8" else isinstance(fc1.weight, Int8Tensor)
     fp_runner, _, _ = load_runner(str(tmp_path / "fp"), max_batch=1)
     assert agreement(runner, fp_runner, TOK) == pytest.approx(q.agreement)  # reload = the exported numbers
 
@@ -171,3 +175,32 @@ def test_a_damaged_inference_spec_is_one_clear_error(model_dir, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelDirError, match="unknown inference keys"):
         load_runner(str(tmp_path / "m"))
+
+
+def test_w8a8_linear_is_int8_arithmetic_close_to_the_float_layer():
+    from distgpt.model.quant import W8A8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 24)
+    q = W8A8Linear.from_linear(lin)
+    x = torch.randn(2, 3, 48)
+    y = q(x)
+    # the same arithmetic by hand in float64: each row and each weight row rounded to 127 steps of its absmax
+    rows = x.reshape(-1, 48).double()
+    xs = rows.abs().amax(1, keepdim=True) / 127
+    w = lin.weight.detach().double()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    ref = (torch.round(rows / xs) * xs) @ (torch.round(w / ws) * ws).T + lin.bias.detach().double()
+    assert torch.allclose(y.reshape(-1, 24).double(), ref, rtol=1e-5, atol=1e-5)
+    exact = lin(x)
+    assert (y - exact).abs().max() < 0.03 * exact.abs().max()  # int8 rounding, not a different function
+    assert q.qweight.dtype == torch.int8 and y.shape == (2, 3, 24)
+
+
+@needs_cxx
+def test_compiled_w8a8_gives_the_eager_w8a8_tokens(model_dir, tmp_path):
+    export_artifact(model_dir, str(tmp_path / "q"), EngineSpec("eager", quantize="w8a8"))
+    eager, tok, _ = load_runner(str(tmp_path / "q"), "eager", 1)
+    compiled, _, _ = load_runner(str(tmp_path / "q"), "compiled", 1)
+    prompt = tok.encode("def f(x):")
+    assert greedy_tokens(compiled, prompt, 48) == greedy_tokens(eager, prompt, 48)
