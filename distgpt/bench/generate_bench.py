@@ -70,6 +70,29 @@ def _runner_speed(runner, prompt: list[int], n: int) -> tuple[float, float]:
     return first - start, (n - 1) / (time.perf_counter() - first)
 
 
+def _linears_alone(model, qmodel, rounds: int = 20) -> tuple[float, float]:
+    """Seconds per token of a batch-1 step's Linear products alone, in the model's order and with its own weights:
+    fp32 ``F.linear``, and the w8a8 model's int8 × int8 ``torch._int_mm`` — the floor under any fp32 engine, and the
+    same work at a quarter of the bytes."""
+    from distgpt.model.quant import W8A8Linear
+
+    fp = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    q = [m.qweight for m in qmodel.modules() if isinstance(m, W8A8Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in fp}
+    xq = {k: torch.randint(-127, 128, (1, k), dtype=torch.int8) for k in xs}
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            fn()
+        return (time.perf_counter() - start) / rounds
+
+    with torch.no_grad():
+        return (timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in fp]),
+                timed(lambda: [torch._int_mm(xq[w.shape[1]], w.t()) for w in q]))
+
+
 def engines(args) -> dict:
     """Part 1: the table of engines at batch 1 (returns the measurements)."""
     from distgpt.infer.artifact import PROBE_PROMPTS, agreement
@@ -104,6 +127,10 @@ def engines(args) -> dict:
         print(f"{name:10} {statistics.median(speeds):9.1f} {min(speeds):7.1f}–{max(speeds):<7.1f} "
               f"{1e3 * statistics.median(r[0] for r in rs):8.1f} {ratio:8.2f} "
               f"{compile_s.get(name, 0):10.1f}")
+    lin, lin_q = _linears_alone(model, runners["w8a8"].decoder.model)
+    eager_s = 1 / statistics.median(r[1] for r in rows["eager"])
+    print(f"the Linear products of one token alone: fp32 {1e3 * lin:.2f} ms ({100 * lin / eager_s:.0f}% of an eager "
+          f"step, so fp32 engines are ≤ {eager_s / lin:.2f}× eager), int8 × int8 {1e3 * lin_q:.2f} ms")
     for k in ("int8", "w8a8"):
         ratio = statistics.median(q[1] / c[1] for q, c in zip(rows[k], rows["compiled"], strict=True))
         print(f"{k} vs compiled fp32: {ratio:.2f}× tokens/s (median of the rounds' ratios); greedy agreement with "
