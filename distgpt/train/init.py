@@ -5,7 +5,7 @@ The trainer builds the model on the meta device either way; ``parallelize`` carv
 from ``TrainedWeights`` one tensor at a time (``parallel/materialize.py``), so no rank holds the whole trained model:
 from a model directory each tensor is read from the safetensors file by its offsets when it is needed (host peak:
 the largest single tensor); from a checkpoint root DCP reads, into each rank's own sharded parameters, only the
-slices it holds (a checkpoint root with a smaller vocabulary is consolidated whole first, to grow it).
+slices it holds (a vocabulary that grows: the embedding alone is read whole, then grown).
 The optimizer and the schedule start fresh. A model whose shape differs from the job's ``[model]`` is refused
 naming both shapes, except the vocabulary, which may grow (chat markers, tokens of a new language): new embedding
 rows (and untied head rows) start at the mean of the existing ones, so a new token begins as an "average" token
@@ -65,7 +65,11 @@ class TrainedWeights:
 
 class CheckpointWeights:
     """A checkpoint root's latest committed model, read by DCP straight into a module's parameters (each rank the
-    slices of its shards; every file read checked against the manifest) — ``materialize``'s ``ShardedSource``."""
+    slices of its shards; every file read checked against the manifest) — ``materialize``'s ``ShardedSource``.
+
+    A vocabulary that grows: the embedding (and an untied head) is read whole at its trained size — one tensor, the
+    largest there is, which set-up already budgets for — grown, and this rank keeps its slice; every other tensor
+    still arrives as this rank's slices only."""
 
     def __init__(self, uri: str, cfg: GPTConfig):
         self.uri, self.cfg = uri, cfg
@@ -75,28 +79,39 @@ class CheckpointWeights:
         from distgpt.checkpoint.manager import CheckpointManager
         from distgpt.parallel.materialize import one_process_name
 
-        targets = {}
+        targets, grown = {}, {}
         for name, p in module.named_parameters():
             key = one_process_name(name)
-            targets["tok_emb.weight" if key == "lm_head.weight" and self.cfg.tie_embeddings else key] = p.detach()
+            key = "tok_emb.weight" if key == "lm_head.weight" and self.cfg.tie_embeddings else key
+            if key in ("tok_emb.weight", "lm_head.weight") and p.shape[0] != self.cfg.vocab_size:
+                targets[key] = torch.empty((self.cfg.vocab_size, *p.shape[1:]), dtype=p.dtype)
+                grown[key] = p
+            else:
+                targets[key] = p.detach()
         mgr = CheckpointManager(self.uri)
         mgr.read_into(mgr.committed()[-1], {"model": targets})
+        for key, p in grown.items():
+            _keep_slice(p, grow_rows(targets[key], p.shape[0]))
+
+
+def _keep_slice(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy into ``p`` its part of ``full`` (a DTensor keeps its own shard, sliced locally: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(p, DTensor):
+            shard = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+        else:
+            p.copy_(full)
 
 
 def open_initial(uri: str, want: GPTConfig) -> tuple[TrainedWeights | CheckpointWeights, str]:
     """The trained weights at ``uri`` for a model of config ``want`` and a line for the log; ConfigError when
     the shapes differ (other than a larger vocabulary)."""
-    from distgpt.checkpoint.export import model_tensors, read_checkpoint_model
-
     src = initial_config(uri)
     _check_shapes(uri, src, want)  # before anything large is read
-    weights: TrainedWeights | CheckpointWeights
-    if is_model_dir(uri):
-        weights = TrainedWeights(uri, src)
-    elif src.vocab_size == want.vocab_size:
-        weights = CheckpointWeights(uri, src)
-    else:  # rows to add: consolidated whole, then grown like a model directory's
-        weights = TrainedWeights(uri, src, model_tensors(read_checkpoint_model(uri)[0]))
+    weights = TrainedWeights(uri, src) if is_model_dir(uri) else CheckpointWeights(uri, src)
     grown = want.vocab_size - src.vocab_size
     return weights, (f"initialised from {storage.redact(uri)}" + (f" ({grown} new vocabulary rows, "
                                                                   "mean-initialised)" if grown else ""))
@@ -171,6 +186,9 @@ def load_initial_weights(model: GPT, uri: str) -> str:
     """Load the trained model at ``uri`` whole into ``model`` (a real, one-process model — ``distgpt tokenizer
     extend``; training uses ``open_initial``); returns a line for the log. ConfigError when the shapes differ."""
     weights, line = open_initial(uri, model.cfg)
+    if isinstance(weights, CheckpointWeights):
+        weights.fill(model)
+        return line
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights.tensor(name, tuple(p.shape)))

@@ -2,7 +2,8 @@
 gather the whole model and write, per Plan, whether it equals a one-process initialisation with the same seed
 bit for bit — and, built again from trained weights (``init.from``: a model directory with a 2-token-smaller
 vocabulary, read one tensor at a time), whether it equals those weights grown as one process grows them; and
-from a sharded checkpoint of them (a checkpoint root, which DCP reads into each rank's shards)
+from a sharded checkpoint of them (a checkpoint root, which DCP reads into each rank's shards), and from a sharded
+checkpoint of the 258-token model itself (its vocabulary grown as it is read)
 (``tests/distributed/test_meta_init.py``)."""
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _trained(where: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _engine(plan: Plan, **init):
+def _engine(plan: Plan, cfg: GPTConfig = CFG, **init):
     with torch.device("meta"):
-        model = GPT(CFG)
+        model = GPT(cfg)
     return parallelize(model, build_mesh(plan), OptimSettings(1e-3, 0.0, (0.9, 0.95), 1.0, 8, 16), resolve("lm"),
                        **init)
 
@@ -65,6 +66,10 @@ def main(out: str, plans: list[str]) -> None:
     ckpt_root = out + ".ckpt"  # the trained weights (grown), saved sharded under the first Plan
     first = _engine(Plan.from_json(plans[0]), weights=open_initial(trained_dir, CFG)[0])
     CheckpointManager(ckpt_root).save(1, first, {"model": CFG.to_dict()})
+    small = GPTConfig(**{**CFG.to_dict(), "vocab_size": 258})  # the trained weights as trained: vocabulary to grow
+    small_root = out + ".small"
+    first = _engine(Plan.from_json(plans[0]), small, weights=open_initial(trained_dir, small)[0])
+    CheckpointManager(small_root).save(1, first, {"model": small.to_dict()})
     report = {}
     for text in plans:
         plan = Plan.from_json(text)
@@ -80,6 +85,9 @@ def main(out: str, plans: list[str]) -> None:
         from_ckpt, _ = _built(plan, weights=open_initial(ckpt_root, CFG)[0])
         report[plan.describe()]["checkpoint_equal"] = sorted(from_ckpt) == sorted(trained) and all(
             torch.equal(from_ckpt[k], trained[k]) for k in trained)
+        from_small, _ = _built(plan, weights=open_initial(small_root, CFG)[0])  # grown, slices kept per rank
+        report[plan.describe()]["checkpoint_grown_equal"] = sorted(from_small) == sorted(trained) and all(
+            torch.equal(from_small[k], trained[k]) for k in trained)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(report, f)

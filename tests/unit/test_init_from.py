@@ -53,3 +53,30 @@ def test_wrong_shapes_and_missing_tensors_are_config_errors(tmp_path):
         weights.tensor("layers.9.attn.qkv.weight", (48, 16))
     with pytest.raises(ConfigError, match="neither a model directory"):
         open_initial(str(tmp_path / "nothing"), CFG)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_checkpoint_root_whose_vocabulary_grows_loads_the_grown_weights(tmp_path, tied):
+    from distgpt.checkpoint.manager import CheckpointManager
+    from distgpt.parallel import OptimSettings, parallelize
+    from distgpt.parallel.mesh import build_mesh
+    from distgpt.planner.plan import Plan
+    from distgpt.train.init import CheckpointWeights, load_initial_weights
+    from distgpt.train.objectives import resolve
+
+    small = replace(CFG, tie_embeddings=tied)
+    torch.manual_seed(5)
+    trained = GPT(small)
+    engine = parallelize(trained, build_mesh(Plan()), OptimSettings(1e-3, 0.0, (0.9, 0.95), 1.0, 8, 16), resolve("lm"))
+    CheckpointManager(str(tmp_path / "ck")).save(1, engine, {"model": small.to_dict()})
+    big = replace(small, vocab_size=small.vocab_size + 3)
+    weights, line = open_initial(str(tmp_path / "ck"), big)
+    assert isinstance(weights, CheckpointWeights) and "3 new vocabulary rows" in line  # read by DCP, not consolidated
+    model = GPT(big)
+    load_initial_weights(model, str(tmp_path / "ck"))
+    want = {k: v for k, v in trained.state_dict().items()}
+    for key in ("tok_emb.weight", *(() if tied else ("lm_head.weight",))):
+        want[key] = grow_rows(want[key], big.vocab_size)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if not (tied and k == "lm_head.weight"))
+    assert torch.equal(got["lm_head.weight"], got["tok_emb.weight"]) == tied
