@@ -59,6 +59,10 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     except ValueError:
         bad.append(f"--host {args.host!r} is not an IP address (use 127.0.0.1, or 0.0.0.0 for all interfaces)")
         public = False
+    from distgpt.cli.serve_ray import ray_only_flags
+
+    if not args.ray and ray_only_flags(args):
+        bad.append(f"{', '.join(ray_only_flags(args))} only apply with --ray (serving on Ray Serve)")
     if bad:
         raise InferError("; ".join(bad))
     if public:

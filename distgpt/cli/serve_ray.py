@@ -31,12 +31,12 @@ def serve_on_ray(args: argparse.Namespace, spec: ServeSpec) -> int:
     from distgpt.infer.ray_serve import deploy, replicas, serve_until_interrupted
     from distgpt.orchestrator.driver import connect
 
+    problems = scaling_from(args, embedded=True).problems()  # before anything starts
+    if problems:
+        raise InferError("; ".join(problems))
     label = connect(args.address)
     embedded = label.startswith("embedded")
     scaling = scaling_from(args, embedded)
-    problems = scaling.problems()
-    if problems:
-        raise InferError("; ".join(problems))
     count = (f"{scaling.min_replicas}" if scaling.min_replicas == scaling.max_replicas
              else f"{scaling.min_replicas}–{scaling.max_replicas} (autoscaling)")
     print(f"starting {count} replica(s) of {spec.model_id} on the {label}, {scaling.cpus:g} CPU"
@@ -51,6 +51,15 @@ def serve_on_ray(args: argparse.Namespace, spec: ServeSpec) -> int:
 
     serve_until_interrupted(deployed, announce, embedded)
     return 0
+
+
+DEFAULTS = {"address": "", "replicas": 1, "autoscale": None, "replica_cpus": None, "replica_gpus": None,
+            "max_queued": -1, "upscale_delay": 10.0, "downscale_delay": 60.0}
+
+
+def ray_only_flags(args: argparse.Namespace) -> list[str]:
+    """The --ray flags given without --ray (they would change nothing: say so rather than ignore them)."""
+    return [f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if getattr(args, k) != v]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

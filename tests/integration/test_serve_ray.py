@@ -25,21 +25,22 @@ from .ray_cluster import _free_port as free_port
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("served") / "tiny")
-    model = small_model(block=320)
+def _saved(tmp_path_factory, name: str, block: int) -> str:
+    out = str(tmp_path_factory.mktemp("served") / name)
+    model = small_model(block=block)
     save_model_dir(out, model, model.cfg, TOK)
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _saved(tmp_path_factory, "tiny", 320)
 
 
 @pytest.fixture(scope="module")
 def long_model_dir(tmp_path_factory):
     """A context long enough that an answer takes seconds, so a disconnect comes well before its end."""
-    out = str(tmp_path_factory.mktemp("served") / "long")
-    model = small_model(block=4096)
-    save_model_dir(out, model, model.cfg, TOK)
-    return out
+    return _saved(tmp_path_factory, "long", 4096)
 
 
 @pytest.fixture(scope="module")

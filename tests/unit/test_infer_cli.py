@@ -76,3 +76,16 @@ def test_serve_refuses_bad_options_without_a_traceback(model_dir):
     p = cli("serve", model_dir, "--engine", "eager", "--host", "localhost-ish", "--max-batch", "0")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--host 'localhost-ish' is not an IP address" in p.stderr and "--max-batch must be positive" in p.stderr
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--autoscale", "3-1"], "need 1 <= MIN <= MAX, got 3-1"),
+    (["--autoscale", "two"], "--autoscale takes MIN-MAX replicas"),
+    (["--replica-cpus", "0"], "--replica-cpus must be positive"),
+    (["--no-ray", "--replicas", "2"], "--replicas only apply with --ray"),
+])
+def test_serve_on_ray_refuses_bad_scaling_before_starting_ray(model_dir, flags, says):
+    ray = [] if "--no-ray" in flags else ["--ray"]
+    p = cli("serve", model_dir, *ray, "--engine", "eager", *[f for f in flags if f != "--no-ray"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr and says in p.stderr, p.stderr
+    assert "Started a local Ray instance" not in p.stderr  # refused before a cluster was started
