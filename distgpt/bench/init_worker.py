@@ -31,9 +31,9 @@ def peak_rss() -> int:
 
 
 def kept_bytes(engine) -> int:
-    """Bytes of the parameters this rank holds (DTensors by their local shard)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4
-               for m in engine.modules for p in m.parameters())
+    """Bytes of the parameters this rank holds (DTensors by their local shard, ZeRO-3 by its partition)."""
+    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p).numel()
+               * 4 for m in engine.modules for p in m.parameters())
 
 
 def main(out: str, mode: str, plan_json: str, name: str, layers: int) -> None:

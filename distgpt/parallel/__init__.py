@@ -11,6 +11,7 @@ pipeline stages and schedule. What composes (anything else is rejected by ``Plan
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from distgpt.model.gpt import GPT
 from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, apply_replicate, deepspeed_config
 from distgpt.parallel.engine import Engine, LocalEngine, Objective
-from distgpt.parallel.materialize import Init, WeightSource, is_meta, materialize
+from distgpt.parallel.materialize import Init, WeightSource, is_meta, materialize, materialize_partitioned
 from distgpt.parallel.mesh import ParallelMesh
 from distgpt.parallel.naming import drop_tied_head
 from distgpt.parallel.optim import make_optimizer, param_groups
@@ -62,6 +63,27 @@ def _data_parallel(module: GPT, mesh: ParallelMesh, init: Init) -> torch.nn.Modu
     return apply_ddp(_materialized(module, mesh, init), mesh)
 
 
+def _deepspeed_module(model: GPT, mesh: ParallelMesh, init: Init, cfg: dict) -> GPT:
+    """The real module DeepSpeed's engine takes. Under ZeRO-3 a meta-device model is made one module at a time and
+    each partitioned by ``zero.Init`` at once (no rank holds the whole model); ZeRO-1/2 keep every parameter on
+    every rank by design, and a checkpoint root's reader fills whole parameters, so those are made whole first."""
+    if not (is_meta(model) and mesh.plan.zero_stage == 3 and not hasattr(init, "fill")):
+        return _materialized(model, mesh, init)
+    if mesh.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed loads: it probes for accelerators
+    import deepspeed
+
+    from distgpt.parallel.mesh import ensure_process_group
+
+    ensure_process_group()  # zero.Init broadcasts and partitions over the data-parallel group
+    # DeepSpeed's own comm layer over the existing process group (as deepspeed.initialize would set it up), so the
+    # config's batch check sees the real world size; mem_efficient_linear off: with a module it would patch
+    # F.linear for the whole process
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    return materialize_partitioned(model, mesh.device, init, lambda sub: deepspeed.zero.Init(
+        module=sub, config_dict_or_path=cfg, mem_efficient_linear=False))
+
+
 def _materialized(module: torch.nn.Module, mesh: ParallelMesh, init: Init) -> torch.nn.Module:
     return materialize(module, mesh.device, init) if is_meta(module) else module
 
@@ -81,9 +103,9 @@ def parallelize(model: GPT, mesh: ParallelMesh, opt: OptimSettings, objective: O
     micro = plan.micro_batch_size or share
     if not is_meta(model):
         model = model.to(mesh.device)
-    if plan.dp_engine == "deepspeed":  # DeepSpeed's engine takes a real module (its own zero.Init is not used)
-        model = _materialized(model, mesh, init)
+    if plan.dp_engine == "deepspeed":
         cfg = deepspeed_config(plan, micro, share // micro, opt.lr, opt.betas, opt.weight_decay, opt.grad_clip)
+        model = _deepspeed_module(model, mesh, init, cfg)
         return DeepSpeedEngine(_prepare_module(model, mesh), param_groups(model, opt.weight_decay), mesh, shares,
                                micro, objective, cfg)
     if plan.pp > 1:

@@ -11,6 +11,7 @@ the host's peak is the largest single tensor, not the model. Trained weights (``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -106,3 +107,35 @@ def _retie(module: nn.Module, shared: list[list[str]]) -> None:
             sub = module.get_submodule(owner)
             if getattr(sub, attr) is not keep:
                 setattr(sub, attr, keep)
+
+
+@torch.no_grad()
+def materialize_partitioned(module: nn.Module, device: torch.device, init: int | WeightSource,
+                            partition: Callable[[nn.Module], None]) -> nn.Module:
+    """A meta-device module made real one module's parameters at a time, each handed to ``partition`` (DeepSpeed's
+    ``zero.Init``: this rank keeps its ZeRO-3 partition, the rest is freed) before the next are made — so the host
+    holds one module's full tensors at a time, never the model. Children go before their parent (a parent's
+    ``partition`` then finds its children's parameters partitioned already); a tied head is made once."""
+    gpts = [m for m in module.modules() if isinstance(m, GPT)]
+    cfg = gpts[0].cfg
+    made: dict[int, nn.Parameter] = {}  # meta parameter → its real one (a tied parameter appears twice)
+    for prefix, sub in reversed(list(module.named_modules())):
+        direct = list(sub._parameters.items())
+        if not any(p is not None and p.is_meta for _, p in direct):
+            continue
+        for attr, p in direct:
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in made:
+                key, shape = one_process_name(f"{prefix}.{attr}" if prefix else attr), tuple(p.shape)
+                full = initial_value(cfg, key, shape, init) if isinstance(init, int) else init.tensor(key, shape)
+                made[id(p)] = nn.Parameter(full.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+            sub._parameters[attr] = made[id(p)]
+        partition(sub)
+    for sub in module.modules():
+        for name, b in sub._buffers.items():
+            if b is not None and b.is_meta:
+                sub._buffers[name] = torch.empty_like(b, device=device)
+    for gpt in gpts:
+        gpt.reset_buffers()
+    return module

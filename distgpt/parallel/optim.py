@@ -18,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))  # tied weights appear once
         is_embedding = id(p) in embeddings or (tied and name.endswith("lm_head.weight"))
-        (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
+        dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter keeps its shape there
+        (no_decay if dims < 2 or is_embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

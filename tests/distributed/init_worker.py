@@ -52,7 +52,8 @@ def _engine(plan: Plan, cfg: GPTConfig = CFG, **init):
 
 def _built(plan: Plan, **init) -> tuple[dict[str, torch.Tensor], int]:
     engine = _engine(plan, **init)
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else  # a ZeRO-3 partition
+                p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                 for m in engine.modules for p in m.parameters())
     return full_state_dict(engine), local
 
