@@ -53,13 +53,12 @@ def serve_on_ray(args: argparse.Namespace, spec: ServeSpec) -> int:
     return 0
 
 
-DEFAULTS = {"address": "", "replicas": 1, "autoscale": None, "replica_cpus": None, "replica_gpus": None,
-            "max_queued": -1, "upscale_delay": 10.0, "downscale_delay": 60.0}
-
-
 def ray_only_flags(args: argparse.Namespace) -> list[str]:
     """The --ray flags given without --ray (they would change nothing: say so rather than ignore them)."""
-    return [f"--{k.replace('_', '-')}" for k, v in DEFAULTS.items() if getattr(args, k) != v]
+    probe = argparse.ArgumentParser()
+    add_arguments(probe)
+    defaults = vars(probe.parse_args([]))  # the defaults as add_arguments declares them, not a second copy
+    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if k != "ray" and getattr(args, k) != v]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

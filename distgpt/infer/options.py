@@ -27,6 +27,10 @@ class ServeSpec:
     max_concurrent: int | None = None
     name: str = ""
 
+    def concurrent(self, slots: int) -> int:
+        """Requests running or waiting that one copy accepts: ``max_concurrent``, else 4 × its cache slots."""
+        return self.max_concurrent or 4 * slots
+
     @property
     def model_id(self) -> str:
         """The model's id in the API: ``name``, else the directory's name."""

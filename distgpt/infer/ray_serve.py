@@ -115,7 +115,7 @@ def deploy(spec: ServeSpec, scaling: Scaling, host: str, port: int) -> Deployed:
     model = spec.model if "://" in spec.model else os.path.abspath(spec.model)  # replicas have their own cwd
     slots = spec.max_batch or stored_slots(model)  # a wrong path fails here, not as three failed replica starts
     spec = replace(spec, model=model)
-    concurrent = spec.max_concurrent or 4 * slots
+    concurrent = spec.concurrent(slots)
     _start_serve(host, port)
     app = ModelServer.options(**deployment_options(spec, scaling, slots, concurrent)).bind(
         spec, max(1, int(scaling.cpus)))

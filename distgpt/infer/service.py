@@ -28,7 +28,7 @@ def limits_for(spec: ServeSpec, runner: Runner) -> Limits:
     """The spec's limits, defaults filled from the model (a prompt must leave room for one new token)."""
     block = runner.block_size
     return Limits(min(spec.max_prompt_tokens or block - 1, block - 1), spec.max_new_tokens or block,
-                  spec.max_concurrent or 4 * runner.spec.max_batch)
+                  spec.concurrent(runner.spec.max_batch))
 
 
 def open_service(spec: ServeSpec, replica: str = "") -> Service:
