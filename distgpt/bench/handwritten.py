@@ -34,9 +34,20 @@ def _loader(job, replicas: int, replica: int) -> DataLoader:
     return DataLoader(data, job.train.global_batch_size, job.run.seed, replica, [share] * replicas)
 
 
-def _adamw(params, job) -> torch.optim.Optimizer:
+def _groups(model: nn.Module, job, not_decayed: tuple[nn.Parameter, ...] = ()) -> list[dict]:
+    """The usual two AdamW groups, written out as a user would: matrices decay; norms, biases and embeddings (and
+    ``not_decayed``: a pipeline stage's copy of a tied head) do not. The job asks for this, so a reference with one
+    group would do different work (and DeepSpeed flattens and steps each group on its own)."""
+    keep = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | {id(p) for p in not_decayed}
+    params = list(model.parameters())  # a tied weight appears once
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in keep]
+    rest = [p for p in params if not (p.dim() >= 2 and id(p) not in keep)]
+    return [{"params": decay, "weight_decay": job.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _adamw(groups: list[dict], job) -> torch.optim.Optimizer:
     t = job.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def _accumulating(job, model: nn.Module, opt, loader: DataLoader, no_sync) -> Step:
@@ -59,7 +70,7 @@ def _accumulating(job, model: nn.Module, opt, loader: DataLoader, no_sync) -> St
 def ddp(job) -> Step:
     """``DistributedDataParallel`` with ``no_sync`` accumulation."""
     model = nn.parallel.DistributedDataParallel(_model(job))
-    return _accumulating(job, model, _adamw(model.parameters(), job), _loader(job, dist.get_world_size(),
+    return _accumulating(job, model, _adamw(_groups(model, job), job), _loader(job, dist.get_world_size(),
                                                                            dist.get_rank()), model.no_sync)
 
 
@@ -78,7 +89,7 @@ def fsdp(job) -> Step:
         yield
         model.set_requires_gradient_sync(True)
 
-    return _accumulating(job, model, _adamw(model.parameters(), job), _loader(job, dist.get_world_size(),
+    return _accumulating(job, model, _adamw(_groups(model, job), job), _loader(job, dist.get_world_size(),
                                                                            dist.get_rank()), no_sync)
 
 
@@ -94,7 +105,7 @@ def zero(job, stage: int) -> Step:
               "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2],
                                                         "weight_decay": t.weight_decay, "torch_adam": True}}}
     model = _model(job)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_groups(model, job), config=config,
                                            dist_init_required=False)
     loader = _loader(job, world, dist.get_rank())
 
@@ -125,7 +136,7 @@ def tp(job) -> Step:
     })
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    opt = _adamw(model.parameters(), job)
+    opt = _adamw(_groups(model, job), job)
     loader, micro = _loader(job, 1, 0), job.plan.micro_batch_size
 
     def step() -> None:
@@ -175,7 +186,8 @@ def pp(job, schedule: str) -> Step:
     n_micro = share // micro
     kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = kind(stage, n_micro, loss_fn=lambda out, y: lm_loss(out, y) / n_micro, scale_grads=False)
-    opt = _adamw(model.parameters(), job)
+    head = (model.lm_head.weight,) if tied and rank == world - 1 else ()
+    opt = _adamw(_groups(model, job, head), job)
     loader = _loader(job, 1, 0)
     pair = dist.new_group([0, world - 1]) if tied else None
     shared = model.tok_emb.weight if rank == 0 else model.lm_head.weight if rank == world - 1 else None
