@@ -207,7 +207,7 @@ COMMANDS = [
             autoscale, _autoscale_args),
     Command(("bench", "tune"), "distgpt tune (≤ 8 trials) vs measuring every runnable plan", tune_bench,
             _tune_args),
-    Command(("bench", "parallel"), "each strategy vs a hand-written script of the same strategy, interleaved to ±3%",
+    Command(("bench", "parallel"), "each strategy vs a hand-written script of the same strategy, interleaved to ±3%%",
             parallel, _parallel_args),
     Command(("bench", "init"), "set-up memory per rank (gpt2-1.3b / 6.7b widths): meta-device init vs whole model",
             init_bench),

@@ -121,3 +121,17 @@ def test_only_the_orchestrator_tune_and_the_serve_module_import_ray():
     offenders = [str(p.relative_to(root)) for p in sorted((root / "distgpt").rglob("*.py"))
                  if pattern.search(p.read_text()) and not str(p.relative_to(root)).startswith(RAY_HOMES)]
     assert not offenders, f"these modules import Ray; move the Ray code into orchestrator/ or tune/: {offenders}"
+
+
+def test_every_command_group_and_command_prints_its_help():
+    """argparse formats help lazily, so a stray '%' in one command's summary broke `distgpt bench --help` alone."""
+    import argparse
+
+    from distgpt.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser) -> int:
+        assert parser.format_help()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return 1 + sum(walk(p) for a in subs for p in a.choices.values())
+
+    assert walk(build_parser()) > len(registry())  # every command, and each group above them
