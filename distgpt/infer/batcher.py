@@ -20,6 +20,7 @@ import torch
 from distgpt.errors import DistgptError
 from distgpt.infer.runner import Runner
 from distgpt.model.generate import SamplingConfig, TextCodec, sample_next, stream_text
+from distgpt.train.threads import adopt_process_threads
 
 
 class Busy(DistgptError):
@@ -148,6 +149,7 @@ class Batcher:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        adopt_process_threads()  # this thread runs the model; a count set elsewhere (a Serve replica) stops short of it
         while True:
             with self._lock:
                 while not self._closed and not self._waiting and not any(self._slots):

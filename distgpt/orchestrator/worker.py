@@ -63,19 +63,21 @@ class TrainWorker:
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
                            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0"})
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if "CUDA_VISIBLE_DEVICES" not in os.environ else "cuda")
-        import torch
-
         from distgpt.parallel.mesh import keep_gloo_on_loopback
+        from distgpt.train.threads import use_threads
 
         keep_gloo_on_loopback()
-        torch.set_num_threads(max(1, threads))
+        use_threads(threads)  # the process's setting; the training thread sets its own below
         self.state = "starting"
-        threading.Thread(target=self._run, args=(job, plan, rollout), daemon=True, name="distgpt-train").start()
+        threading.Thread(target=self._run, args=(job, plan, rollout, threads), daemon=True,
+                         name="distgpt-train").start()
 
-    def _run(self, job: JobConfig, plan: Plan, rollout: str) -> None:
+    def _run(self, job: JobConfig, plan: Plan, rollout: str, threads: int) -> None:
         from distgpt.parallel.mesh import shutdown_distributed
+        from distgpt.train.threads import use_threads
         from distgpt.train.trainer import Trainer
 
+        use_threads(threads)  # on the thread that trains: OpenMP keeps a count per thread (train/threads.py)
         try:
             sink = _QueueSink(self.records)
             source = None

@@ -32,6 +32,7 @@ from distgpt.train.init import open_initial
 from distgpt.train.metrics import MetricsSink, peak_flops, peak_memory_gb, progress_bar
 from distgpt.train.objectives import resolve
 from distgpt.train.schedule import lr_at
+from distgpt.train.threads import threads_here, use_threads
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Trainer:
         self.job, self.hooks, self._sink, self.source = job, hooks, sink, source
         t = job.train
         if t.threads:
-            torch.set_num_threads(t.threads)
+            use_threads(t.threads)
         init_distributed()
         self.plan = plan or job.plan
         self.mesh = build_mesh(self.plan, pick_device(t.device) if self.plan.world_size == 1 else None)
@@ -244,7 +245,7 @@ class Trainer:
         self.log(f"model: {n_params / 1e6:.2f}M parameters, {self.gpt_cfg.n_layer} layers, d={self.gpt_cfg.n_embd}, "
                  f"{self.gpt_cfg.pos_encoding} positions | objective: {self.objective.name} | data: "
                  f"{self._data_line()} | device: {self.device}"
-                 f"{f' ({torch.get_num_threads()} threads)' if self.device.type == 'cpu' else ''} | plan: "
+                 f"{f' ({threads_here()} threads)' if self.device.type == 'cpu' else ''} | plan: "
                  f"{self.plan.describe()} | MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_src})")
         if sink:
             sink.write({"step": 0, "kind": "config", "job": public_dict(self.job), "params": n_params,
