@@ -51,6 +51,19 @@ def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
 
 
+def launcher(args: argparse.Namespace, overrides: list[str]) -> int:
+    """distgpt train on the embedded Ray cluster vs in this process, end to end."""
+    from distgpt.bench.launcher_bench import run
+
+    return run(args.job, overrides, args.steps, args.rounds)
+
+
+def _launcher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", default="jobs/tiny.toml")
+    p.add_argument("--steps", type=int, default=2000, help="steps per run (default 2000: ~2–3 minutes here)")
+    p.add_argument("--rounds", type=int, default=2, help="alternated pairs (default 2: ABBA)")
+
+
 def ray_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     """Orchestrator: time to first step vs Ray Train, tokens/s vs torchrun, recovery time."""
     from distgpt.bench.ray_bench import run
@@ -203,6 +216,8 @@ COMMANDS = [
             group_help="benchmarks"),
     Command(("bench", "ray"), "orchestrator: first-step time vs Ray Train, tokens/s vs torchrun, recovery",
             ray_bench, _ray_args),
+    Command(("bench", "launcher"), "distgpt train on its default launcher (Ray) vs in-process, end to end",
+            launcher, _launcher_args),
     Command(("bench", "autoscale"), "distgpt submit vs ray job submit; autoscaler scale-up; re-plan on growth",
             autoscale, _autoscale_args),
     Command(("bench", "tune"), "distgpt tune (≤ 8 trials) vs measuring every runnable plan", tune_bench,

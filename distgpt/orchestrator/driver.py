@@ -134,6 +134,7 @@ def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) 
 def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
+    bar = job.train.progress  # the driver's bar; the workers never draw one (``absolute``)
     job, secrets = split_credentials(absolute(job))  # credentials reach the workers as environment only
     types = node_types(job.cluster.node_types)
     plan, nodes = choose_plan(job, plan, types, log)
@@ -147,7 +148,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     ).remote(job, plan, name, types, nodes)
     done = actor.run.remote()
     try:
-        summary = _stream(actor, done, job, log)
+        summary = _stream(actor, done, job, bar)
     finally:
         ray.kill(actor)  # workers and placement groups are gone already; the controller goes too
     if summary.state != "finished":
@@ -155,10 +156,10 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     return summary
 
 
-def _stream(actor, done, job: JobConfig, log) -> RunSummary:
+def _stream(actor, done, job: JobConfig, show_bar: bool) -> RunSummary:
     """Follow the controller's events until ``done``: records → metrics files and the bar, the rest → log lines."""
     sink = MetricsSink(job.out_dir, job.train.tensorboard)
-    bar = progress_bar(job.train.max_steps, 0, True)
+    bar = progress_bar(job.train.max_steps, 0, show_bar)  # disabled, its write() still prints the log lines
     seen, finished = 0, False
     try:
         while not finished:

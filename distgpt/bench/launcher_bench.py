@@ -1,0 +1,79 @@
+"""``distgpt bench launcher``: ``distgpt train`` on the default launcher (an embedded Ray cluster) against
+``--cluster.launcher=local`` (this process), end to end as a user runs them.
+
+Each round runs the same command both ways, in alternating order (ABBA), and times the whole command — Ray's start
+and shutdown included. Beside the wall clock it reads each run's own step throughput (the median of the
+``tokens_per_s`` records after the first) and the time to its first completed step, so a gap can be told apart into
+fixed cost and per-step cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT = ["--model.n_layer=4", "--model.n_embd=128", "--model.block_size=64", "--train.global_batch_size=12",
+           "--plan.micro_batch_size=12", "--checkpoint.interval=0", "--train.progress=false"]
+"""The job of the issue that found the slow default: 4 layers, 128 wide, block 64, batch 12."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One timed command."""
+
+    launcher: str
+    wall_s: float
+    first_step_s: float
+    tokens_per_s: float
+
+
+def _one(job: str, overrides: list[str], launcher: str, out: str) -> Run:
+    cmd = [sys.executable, "-m", "distgpt.cli", "train", job, *DEFAULT, *overrides, f"--run.out_dir={out}"]
+    if launcher == "local":
+        cmd.append("--cluster.launcher=local")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{launcher} run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r.get("kind") is None and "tokens_per_s" in r]
+    tps = statistics.median(r["tokens_per_s"] for r in steps[1:] or steps)
+    return Run(launcher, wall, steps[0]["time"] - t0, tps)
+
+
+def _geo(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+
+def run(job: str, overrides: list[str], steps: int, rounds: int) -> int:
+    """``rounds`` ABBA pairs of ``steps``-step runs; print each run and the ratios."""
+    extra = [*overrides, f"--train.max_steps={steps}"]
+    runs: list[tuple[Run, Run]] = []
+    print(f"distgpt train {job} {' '.join(DEFAULT + extra)}: default (Ray) vs --cluster.launcher=local, "
+          f"{rounds} alternated pairs")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            order = ("local", "ray") if i % 2 == 0 else ("ray", "local")
+            got = {k: _one(job, extra, k, f"{tmp}/{i}-{k}") for k in order}
+            runs.append((got["local"], got["ray"]))
+            for k in order:
+                r = got[k]
+                print(f"  round {i + 1} {k:5s}: {r.wall_s:6.1f} s whole command, first step at {r.first_step_s:5.1f} s,"
+                      f" {r.tokens_per_s:,.0f} tokens/s", flush=True)
+    wall = [lo.wall_s / ra.wall_s for lo, ra in runs]
+    tps = [ra.tokens_per_s / lo.tokens_per_s for lo, ra in runs]
+    fixed = statistics.median(ra.first_step_s - lo.first_step_s for lo, ra in runs)
+    ray_s, local_s = _geo([ra.wall_s for _, ra in runs]), _geo([lo.wall_s for lo, _ in runs])
+    print(f"end to end: Ray {ray_s:.1f} s vs local {local_s:.1f} s → {_geo(wall):.3f}× "
+          f"(pairs {', '.join(f'{x:.3f}' for x in wall)}; goal ≥ 0.95)")
+    print(f"per step: Ray / local tokens/s {_geo(tps):.3f}× (pairs {', '.join(f'{x:.3f}' for x in tps)}); "
+          f"first step {fixed:+.1f} s later on Ray (median)")
+    return 0
