@@ -70,16 +70,11 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     if job.cluster.plan != "auto" or where != "ray":
         check_plan(job, plan, where)
     if where == "ray":
-        # What the driver needs after the run, loaded now: in a Ray job with a working_dir, Ray deletes that
-        # directory — the driver's cwd, and maybe distgpt's code — once the run's actors are gone.
-        import distgpt.checkpoint.export  # noqa: F401
-        import distgpt.data.chat  # noqa: F401
-        import distgpt.model.generate  # noqa: F401
         from distgpt.orchestrator.driver import run_on_ray
 
         if not rl:  # an RL run's rows are its rollouts: there is no dataset to prepare
             ensure_prepared(job)
-        summary = run_on_ray(job, plan, args.address)
+        summary = run_on_ray(job, plan, args.address, while_starting=_load_for_after_the_run)
         _keep_a_cwd(summary.result.final_dir if summary.result else "/")
         res, n = summary.result, len(summary.recoveries)
         print(f"trained {res.steps} steps on Ray; {res.tokens_per_s:,.0f} tokens/s; "
@@ -87,6 +82,15 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         sample(job, res.final_dir)
         return 0
     return _train_local(job, plan)
+
+
+def _load_for_after_the_run() -> None:
+    """What the driver needs once the run is over, loaded while the workers start (not before Ray starts: these
+    imports take seconds): in a Ray job with a working_dir, Ray deletes that directory — the driver's cwd, and maybe
+    distgpt's code — once the run's actors are gone."""
+    import distgpt.checkpoint.export  # noqa: F401
+    import distgpt.data.chat  # noqa: F401
+    import distgpt.model.generate  # noqa: F401
 
 
 def _check_rl(job, where: str) -> str:

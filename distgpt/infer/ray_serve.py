@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 # torch before Ray (see orchestrator/driver.py: a Ray job that loads Ray first can fail at its first matmul)
-import torch  # noqa: I001  # isort: skip
+import torch  # noqa: F401, I001  # isort: skip
 import ray
 from ray import serve
 from starlette.requests import Request
@@ -27,6 +27,7 @@ from distgpt.infer.artifact import stored_slots
 from distgpt.infer.options import InferError, ServeSpec
 from distgpt.infer.protocol import JsonReply, respond
 from distgpt.infer.service import open_service
+from distgpt.train.threads import use_threads
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ModelServer:
     """One replica: the served model and the protocol, behind Serve's proxy."""
 
     def __init__(self, spec: ServeSpec, threads: int):
-        torch.set_num_threads(threads)
+        use_threads(threads)  # the batcher thread adopts it (train/threads.py)
         context = serve.get_replica_context()
         self.svc = open_service(spec, replica=context.replica_id.unique_id)
 

@@ -131,8 +131,11 @@ def choose_plan(job: JobConfig, plan: Plan | None, types: NodeTypes, log=print) 
     return plan, nodes
 
 
-def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print) -> RunSummary:
-    """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure."""
+def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=print,
+               while_starting: Callable[[], None] | None = None) -> RunSummary:
+    """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure.
+    ``while_starting``: work of the driver's own (imports it needs later) done while the workers start, not
+    before Ray does."""
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
     bar = job.train.progress  # the driver's bar; the workers never draw one (``absolute``)
     job, secrets = split_credentials(absolute(job))  # credentials reach the workers as environment only
@@ -148,6 +151,8 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     ).remote(job, plan, name, types, nodes)
     done = actor.run.remote()
     try:
+        if while_starting is not None:
+            while_starting()
         summary = _stream(actor, done, job, bar)
     finally:
         ray.kill(actor)  # workers and placement groups are gone already; the controller goes too

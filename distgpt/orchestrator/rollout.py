@@ -59,7 +59,9 @@ class RolloutWorker:
     """The actor body (``ray.remote`` is applied by ``start_rollout_actor``)."""
 
     def __init__(self, init_uri: str, threads: int, sync_timeout_s: float):
-        self.gen = Generator(init_uri, threads)
+        # 0 (colocated): every core of this node, taken in turn with the learner. Not torch's default: Ray sets
+        # OMP_NUM_THREADS=1 in an actor that reserves no CPU, so that default would be one thread.
+        self.gen = Generator(init_uri, threads or os.cpu_count() or 1)
         self.sync_timeout_s = sync_timeout_s
 
     def ready(self) -> str:
@@ -103,7 +105,7 @@ def start_rollout_actor(job, node_id: str, index: int, name: str):
     cpus = 0 if r.placement == "colocate" else r.rollout_cpus
     threads = job.train.threads
     if not threads and r.placement == "separate":
-        threads = max(1, int(r.rollout_cpus))  # colocated: torch's default (the learner's cores, taken in turn)
+        threads = max(1, int(r.rollout_cpus))  # colocated: 0, the node's cores (``RolloutWorker``)
     return ray.remote(RolloutWorker).options(
         num_cpus=cpus, name=f"{name}-rollout{index}-{os.urandom(3).hex()}", max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),

@@ -20,6 +20,7 @@ from distgpt.data.tokenizer import Tokenizer
 from distgpt.infer.decoder import StaticDecoder
 from distgpt.model.generate import filter_logits
 from distgpt.model.gpt import GPT
+from distgpt.train.threads import adopt_process_threads, use_threads
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Generator:
 
     def __init__(self, init_uri: str, threads: int = 0):
         if threads:
-            torch.set_num_threads(threads)
+            use_threads(threads)
         self.policy, self.tokenizer = load_policy(init_uri)
         self.reference, _ = load_policy(init_uri)
         self.version = 0
@@ -92,6 +93,7 @@ class Generator:
         """``group`` completions of every prompt (``settings``: the job's [rl]); rows of ``row_len`` tokens.
         ``temperature`` 0 decodes greedily (evaluation). ``seed`` fixes the sampling: a re-issued request gives
         the same completions."""
+        adopt_process_threads()  # the calling thread may not be the one that set the count (train/threads.py)
         t0 = time.perf_counter()
         temp = settings.temperature if temperature is None else temperature
         ids = [p for p in self.encode_prompts(prompts, settings.max_prompt_tokens) for _ in range(group)]

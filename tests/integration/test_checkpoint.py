@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from distgpt.checkpoint.manager import CheckpointError, CheckpointManager
+from distgpt.storage import delete_dir
 from distgpt.train.trainer import Trainer
 
 from ..conftest import REPO, S3_CREDS, moto_s3, tiny_job
@@ -186,12 +187,15 @@ def test_save_under_one_plan_load_under_another(bucket, tiny_data, tmp_path, sav
               "--sample.max_new_tokens=1"]
     key = tuple(save_plan)
     if key not in _SAVED:
+        # One run under the save plan: six steps (the reference), a checkpoint at step 3 and 6; step 6 is then
+        # deleted, so every load plan resumes from step 3 and must reproduce steps 4–6 of this same run.
         root = bucket[0].format(f"reshard-{len(_SAVED)}")
         _torchrun(_ranks(save_plan), *common, f"--run.out_dir={tmp_path / 'ref'}", "--train.max_steps=6",
-                  "--checkpoint.resume='never'", "--checkpoint.interval=0", *save_plan, env=bucket[1])
-        _torchrun(_ranks(save_plan), *common, f"--run.out_dir={tmp_path / 'a'}", "--train.max_steps=3",
-                  f"--checkpoint.uri={root}", "--checkpoint.interval=3", *save_plan, env=bucket[1])
-        _SAVED[key] = (root, _losses(tmp_path / "ref"), _losses(tmp_path / "a"))
+                  f"--checkpoint.uri={root}", "--checkpoint.interval=3", "--checkpoint.keep_last=2", *save_plan,
+                  env=bucket[1])
+        delete_dir(CheckpointManager(root).uri(6))
+        ref = _losses(tmp_path / "ref")
+        _SAVED[key] = (root, ref, ref[:3])
     root, ref, first = _SAVED[key]
     # resumes from step 3 under the other Plan; it saves nothing, so the next pair still finds step 3 the latest
     _torchrun(_ranks(load_plan), *common, f"--run.out_dir={tmp_path / 'b'}", "--train.max_steps=6",
