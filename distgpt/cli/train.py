@@ -74,8 +74,11 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         if not rl:  # an RL run's rows are its rollouts: there is no dataset to prepare
             ensure_prepared(job)
-        summary = run_on_ray(job, plan, args.address, while_starting=_load_for_after_the_run)
-        _keep_a_cwd(summary.result.final_dir if summary.result else "/")
+        home = os.getcwd()
+        try:
+            summary = run_on_ray(job, plan, args.address, while_starting=_load_for_after_the_run)
+        finally:
+            _return_to(home)
         res, n = summary.result, len(summary.recoveries)
         print(f"trained {res.steps} steps on Ray; {res.tokens_per_s:,.0f} tokens/s; "
               f"{n} recover{'y' if n == 1 else 'ies'}")
@@ -86,8 +89,16 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _load_for_after_the_run() -> None:
     """What the driver needs once the run is over, loaded while the workers start (not before Ray starts: these
-    imports take seconds): in a Ray job with a working_dir, Ray deletes that directory — the driver's cwd, and maybe
-    distgpt's code — once the run's actors are gone."""
+    imports take seconds).
+
+    They load from a directory nothing replaces: in a Ray job with a working_dir the driver's cwd is that directory,
+    and where several raylets share one temp dir (simulated nodes, the fake autoscaler's) each node's runtime-env agent
+    unpacks the package to the same path, replacing the directory under the driver as the ranks start — and
+    ``torch._dynamo`` reads ``os.getcwd()`` when imported. The run no longer needs the cwd: ``run_on_ray`` made the
+    job's paths absolute before calling this; ``_return_to`` goes back after the run."""
+    import tempfile
+
+    os.chdir(tempfile.gettempdir())
     import distgpt.checkpoint.export  # noqa: F401
     import distgpt.data.chat  # noqa: F401
     import distgpt.model.generate  # noqa: F401
@@ -104,12 +115,10 @@ def _check_rl(job, where: str) -> str:
     return "ray"
 
 
-def _keep_a_cwd(fallback: str) -> None:
-    """Move to ``fallback``'s directory if the working directory was deleted under us (see the Ray branch)."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        os.chdir(os.path.dirname(fallback) or "/")
+def _return_to(home: str) -> None:
+    """Back to the directory the run started in — the same path, which may now be a fresh copy of a Ray job's
+    working_dir (see ``_load_for_after_the_run``) — or to ``/`` if it is gone for good."""
+    os.chdir(home if os.path.isdir(home) else "/")
 
 
 def _train_local(job, plan) -> int:

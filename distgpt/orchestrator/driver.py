@@ -10,6 +10,7 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Callable
 
 # torch before Ray, always: in a Ray job with a working_dir, a driver that calls ray.init() before torch is first
 # imported dies at its first matmul ("Intel oneMKL FATAL ERROR: Cannot load …/libtorch_cpu.so"; reproduced with

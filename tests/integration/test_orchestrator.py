@@ -7,6 +7,7 @@ placement groups, torch.distributed across the actors, checkpoints, recovery.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -154,7 +155,9 @@ def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data,
         args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}",
                 f"--run.out_dir={tmp_path}", *BASE, "--train.max_steps=2", "--plan.dp=2",
                 f"--checkpoint.uri={root}", "--checkpoint.interval=2"]
+        here = os.getcwd()
         assert main(args) == 0
+        assert os.getcwd() == here  # the driver waits elsewhere (train._load_for_after_the_run), then returns
         committed = CheckpointManager(root).committed()
     out = capsys.readouterr()
     assert "trained 2 steps on Ray" in out.out and "--- sample" in out.out
@@ -174,7 +177,9 @@ def test_not_enough_resources_says_what_is_missing_within_the_timeout(ray_cluste
     args = ["train", str(REPO / "jobs" / "tiny.toml"), f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path}",
             *BASE, "--plan.dp=8", "--train.global_batch_size=8", "--plan.micro_batch_size=1",
             "--cluster.start_timeout_s=3"]
+    here = os.getcwd()
     assert main(args) == 1
+    assert os.getcwd() == here
     assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err
     assert re.search(r"needs 8 slots, the cluster has \d+", err) and "fix:" in err
