@@ -11,6 +11,11 @@ from pathlib import Path
 # Ray reads this when it is first imported: with it, every Ray process of the test session resolves its own address
 # to 127.0.0.1 instead of the machine's external one (all traffic stays on loopback).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray's usage statistics: on by default, a cluster up for a minute posts a report to Ray's public collector, and a
+# cluster started like `ray start` (the test clusters) posts a "disabled" report even when they are off. Off, and
+# the collector's address pointed at a closed loopback port, so not even that report leaves the machine.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"
 
 import pytest
 

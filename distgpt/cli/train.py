@@ -70,7 +70,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     if job.cluster.plan != "auto" or where != "ray":
         check_plan(job, plan, where)
     if where == "ray":
-        from distgpt.orchestrator.driver import run_on_ray
+        from distgpt.orchestrator.driver import release, run_on_ray
 
         if not rl:  # an RL run's rows are its rollouts: there is no dataset to prepare
             ensure_prepared(job)
@@ -83,6 +83,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"trained {res.steps} steps on Ray; {res.tokens_per_s:,.0f} tokens/s; "
               f"{n} recover{'y' if n == 1 else 'ies'}")
         sample(job, res.final_dir)
+        release()
         return 0
     return _train_local(job, plan)
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distgpt.orchestrator.loopback import LOCAL_ONLY
+
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the provider's fixed head id
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
@@ -74,8 +76,7 @@ class AutoscalingSandbox:
         """Environment for a process that joins this cluster (``distgpt train``): loopback, and the token."""
         auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token} if self.auth_token else \
             {"RAY_AUTH_MODE": "disabled"}
-        return {**os.environ, "RAY_ADDRESS": self.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                "RAY_TMPDIR": self.tmp, **auth}
+        return {**os.environ, **LOCAL_ONLY, "RAY_ADDRESS": self.address, "RAY_TMPDIR": self.tmp, **auth}
 
     def start(self) -> AutoscalingSandbox:
         """Start the head and its autoscaler (v2); returns once the head is up (~8 s here)."""

@@ -145,22 +145,37 @@ def test_distgpt_submit_status_logs_list_and_stop(ray_cluster, tiny_data, tmp_pa
 
 
 EMBEDDED = """
-import json, ray
-from distgpt.orchestrator.driver import connect
+import json, os, ray
+from distgpt.orchestrator.driver import connect, release
+def ours():  # the processes of this cluster (their command lines name its temp dir), by name
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if os.environ["RAY_TMPDIR"] in cmd:
+            found[pid] = "monitor" if "autoscaler/_private/monitor.py" in cmd else cmd.split("\\0")[0].rsplit("/")[-1]
+    return found
 label = connect("", embedded_cpus=1)
 ip = ray.remote(num_cpus=0)(lambda: ray.util.get_node_ip_address())
-print(json.dumps({"label": label, "gcs": ray.get_runtime_context().gcs_address, "task": ray.get(ip.remote()),
-                  "nodes": [n["NodeManagerAddress"] for n in ray.nodes()]}))
-ray.shutdown()
+got = {"label": label, "gcs": ray.get_runtime_context().gcs_address, "task": ray.get(ip.remote()),
+       "nodes": [n["NodeManagerAddress"] for n in ray.nodes()], "running": sorted(set(ours().values())),
+       "usage_stats": __import__("ray._common.usage.usage_lib", fromlist=["x"]).usage_stats_enabled()}
+release()
+got["after_release"] = sorted(set(ours().values()))
+print(json.dumps(got))
 """
 
 
 def test_the_embedded_cluster_stays_on_loopback(tmp_path):
     """`distgpt train` / `serve --ray` without an address start their own cluster: every address in it is 127.0.0.1
     even when the user's environment does not say so (Ray reads its loopback switch when it is imported, before
-    distgpt could set it)."""
+    distgpt could set it), and Ray's usage statistics are off. It runs without the autoscaler's monitor, and
+    ``release()`` stops it."""
     env = _env()
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    env.pop("RAY_USAGE_STATS_ENABLED")  # the collector's address stays on loopback (conftest), whatever happens
     short = Path(tempfile.mkdtemp(prefix="dgemb", dir="/tmp"))
     env["RAY_TMPDIR"] = str(short)
     try:
@@ -171,3 +186,8 @@ def test_the_embedded_cluster_stays_on_loopback(tmp_path):
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["label"].startswith("embedded") and got["gcs"].startswith("127.0.0.1:")
     assert got["task"] == "127.0.0.1" and got["nodes"] == ["127.0.0.1"], got
+    # an embedded cluster has no autoscaler monitor (nothing to scale; it held shutdown up 1 s), and release()
+    # stops what connect() started
+    assert "raylet" in got["running"] and "gcs_server" in got["running"] and "monitor" not in got["running"], got
+    assert got["after_release"] == [], got
+    assert got["usage_stats"] is False  # no usage report leaves the machine (orchestrator/loopback.py)

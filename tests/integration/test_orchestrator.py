@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from distgpt.checkpoint.manager import CheckpointManager
 from distgpt.cli import main
@@ -158,6 +159,7 @@ def test_cli_trains_on_the_connected_cluster_and_samples(ray_cluster, tiny_data,
         here = os.getcwd()
         assert main(args) == 0
         assert os.getcwd() == here  # the driver waits elsewhere (train._load_for_after_the_run), then returns
+        assert ray.is_initialized()  # train's release() stops only a cluster it started, not the one it joined
         committed = CheckpointManager(root).committed()
     out = capsys.readouterr()
     assert "trained 2 steps on Ray" in out.out and "--- sample" in out.out
