@@ -1,0 +1,91 @@
+"""Where a machine's CPU went while a command trained: the training process's share and everyone else's.
+
+Throughput ratios on a noisy 2-core VM move by ±5% from run to run; CPU time read from ``/proc`` over the same
+window does not, and says *why* a launcher is slower: the share of the cores the training process got, and how busy
+the rest of the machine was (on Ray: its daemons, the controller actor and the driver). Linux only; elsewhere
+``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """CPU over one window of a run, as fractions of the whole machine (all cores)."""
+
+    trainer: float
+    """The training process (every thread of it)."""
+    others: float
+    """Every other process on the machine."""
+    seconds: float
+
+
+def _proc_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+def _machine_busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, grandchildren, … (an embedded Ray cluster's rank actors are the driver's grandchildren)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def find_trainer(proc: subprocess.Popen, ray: bool) -> int | None:
+    """The process that trains: the command itself, or (on Ray) its descendant named ``ray::TrainWorker``."""
+    if not ray:
+        return proc.pid
+    for p in descendants(proc.pid):
+        try:
+            with open(f"/proc/{p}/cmdline") as f:
+                if f.read().startswith("ray::TrainWorker"):
+                    return p
+        except OSError:
+            continue
+    return None
+
+
+def measure(proc: subprocess.Popen, ray: bool, skip_s: float = 10.0, window_s: float = 30.0) -> CpuShare | None:
+    """Wait for the training process, let it run ``skip_s`` (start-up, compilation of nothing, first evals), then
+    read CPU over ``window_s``. ``None`` if the command ends first or this is not Linux."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    pid = None
+    while pid is None and proc.poll() is None:
+        time.sleep(0.5)
+        pid = find_trainer(proc, ray)
+    time.sleep(skip_s)
+    try:
+        t0, m0, w0 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
+        time.sleep(window_s)
+        t1, m1, w1 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
+    except (OSError, TypeError):  # it ended inside the window
+        return None
+    if proc.poll() is not None:
+        return None
+    total = (w1 - w0) * TICKS * (os.cpu_count() or 1)
+    trainer = (t1 - t0) / total
+    return CpuShare(trainer, max(0.0, (m1 - m0) / total - trainer), w1 - w0)

@@ -1,0 +1,40 @@
+"""bench/cpu_share.py: the CPU share of a process read from /proc, and the process tree it searches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distgpt.bench.cpu_share import descendants, measure
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc")
+
+
+def test_a_process_spinning_on_one_core_gets_about_one_core():
+    """One busy thread on an otherwise idle machine: its share is about one core's worth of the machine."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 6: pass"])
+    try:
+        got = measure(spin, ray=False, skip_s=0.5, window_s=2.0)
+    finally:
+        spin.wait()
+    cores = os.cpu_count() or 1
+    assert got is not None and 0.6 / cores < got.trainer <= 1.05 / cores, got
+    assert 0.0 <= got.others < 1.0 and got.seconds == pytest.approx(2.0, abs=0.5)
+
+
+def test_a_command_that_ends_first_has_no_share_and_descendants_are_found():
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert measure(quick, ray=False, skip_s=2.0, window_s=1.0) is None
+    tree = subprocess.Popen(["bash", "-c", "sleep 3 & sleep 3 & wait"])
+    try:
+        time.sleep(0.5)
+        kids = descendants(tree.pid)
+        assert len(kids) == 2
+        assert all(open(f"/proc/{k}/cmdline").read().startswith("sleep") for k in kids)
+    finally:
+        tree.kill()
+        tree.wait()
