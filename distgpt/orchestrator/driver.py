@@ -38,12 +38,17 @@ from distgpt.orchestrator.status import (
     RunSummary,
     StateEvent,
 )
+from distgpt.orchestrator.supervised import JobWatch
 from distgpt.planner.plan import Plan
 from distgpt.train.metrics import MetricsSink, progress_bar
 
 
 class OrchestrationError(RunFailed, RuntimeError):
     """The run failed on the cluster; the message gives the cause and what was tried."""
+
+
+class JobStopped(OrchestrationError):
+    """The Ray job this driver ran in was stopped; the run was stopped with it."""
 
 
 def connect(address: str, embedded_cpus: int = 0) -> str:
@@ -165,7 +170,10 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     """Run ``job`` on Ray to the end; return the controller's summary. Raises OrchestrationError on failure.
     ``while_starting``: work of the driver's own (imports it needs later) done while the workers start, not
     before Ray does."""
+    watch = JobWatch.here()  # taken first: the sooner, the less can have ended unseen
     log(f"ray: {connect(address or job.cluster.address, job.cluster.embedded_cpus)}")
+    if watch is not None and watch.gone():
+        raise JobStopped(watch.reason())
     bar = job.train.progress  # the driver's bar; the workers never draw one (``absolute``)
     job, secrets = split_credentials(absolute(job))  # credentials reach the workers as environment only
     types = node_types(job.cluster.node_types)
@@ -182,7 +190,7 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     try:
         if while_starting is not None:
             while_starting()
-        summary = _stream(actor, done, job, bar)
+        summary = _stream(actor, done, job, bar, watch)
     finally:
         ray.kill(actor)  # workers and placement groups are gone already; the controller goes too
     if summary.state != "finished":
@@ -190,8 +198,9 @@ def run_on_ray(job: JobConfig, plan: Plan | None = None, address: str = "", log=
     return summary
 
 
-def _stream(actor, done, job: JobConfig, show_bar: bool) -> RunSummary:
-    """Follow the controller's events until ``done``: records → metrics files and the bar, the rest → log lines."""
+def _stream(actor, done, job: JobConfig, show_bar: bool, watch: JobWatch | None = None) -> RunSummary:
+    """Follow the controller's events until ``done``: records → metrics files and the bar, the rest → log lines.
+    Raises JobStopped when ``watch`` says the Ray job this driver runs in was stopped."""
     sink = MetricsSink(job.out_dir, job.train.tensorboard)
     bar = progress_bar(job.train.max_steps, 0, show_bar)  # disabled, its write() still prints the log lines
     seen, finished = 0, False
@@ -202,6 +211,8 @@ def _stream(actor, done, job: JobConfig, show_bar: bool) -> RunSummary:
             seen += len(events)
             for e in events:
                 _show(e, sink, bar)
+            if watch is not None and not finished and watch.gone():
+                raise JobStopped(watch.reason())  # the caller kills the controller, and with it the workers
         return ray.get(done)
     finally:
         bar.close()

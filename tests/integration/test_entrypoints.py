@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -77,6 +78,61 @@ def test_a_restarted_driver_resumes_and_finishes_bitwise_equal(ray_cluster, tiny
     ra, rb = records(tmp_path / "ref"), records(out)
     assert sorted(rb) == list(range(1, 11)) and [ra[s]["samples"] for s in ra] == [rb[s]["samples"] for s in ra]
     assert ref["recoveries"] == []
+
+
+def test_a_driver_whose_ray_job_was_stopped_stops_its_run(ray_cluster, tiny_data, tmp_path):
+    """Ray's job supervisor, stopped while the job is PENDING, signals the entrypoint shell the instant it starts and
+    can miss the driver it forks: the job reads STOPPED, the driver trains on. Started the way the supervisor starts
+    it (a shell in a session of its own, the job's config in the environment), the driver sees its shell gone, stops
+    the run (controller and workers end, their slots free) and exits non-zero saying why."""
+    from ray.util.state import list_actors
+
+    from distgpt.orchestrator.supervised import RAY_JOB_ENV
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distgpt", "train", TINY, f"--data.prepared={tiny_data}", f"--run.out_dir={out}",
+           f"--address={ray_cluster.cluster.address}", *BASE, "--train.max_steps=100000", "--plan.dp=2"]
+    log = tmp_path / "driver.log"
+    env = {**_env(), RAY_JOB_ENV: json.dumps({"runtime_env": {}, "metadata": {}})}
+    shell = subprocess.Popen(f"{shlex.join(cmd)} > {log} 2>&1; true", shell=True, start_new_session=True, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and 2 in records(out)):
+        time.sleep(0.2)
+    assert 2 in records(out), log.read_text()[-3000:]
+    driver = next(p for p in _children(shell.pid))
+    shell.kill()  # the shell alone, as the supervisor's stop does when it lists the processes before the fork
+    shell.wait()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60 and os.path.exists(f"/proc/{driver}"):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{driver}"), "the driver trained on after its job's entrypoint shell ended"
+    text = log.read_text()
+    assert "the Ray job running this driver was stopped" in text and "resume it by submitting" in text, text[-3000:]
+    import ray
+
+    def held() -> list:  # the run's actors still alive, and whether any slot is still taken
+        actors = [a.class_name for a in list_actors(filters=[("state", "!=", "DEAD")])
+                  if a.class_name in ("ControllerActor", "TrainWorker")]
+        free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
+        return actors + (["slots"] if free != total else [])
+
+    while time.monotonic() - t0 < 60 and held():
+        time.sleep(0.5)
+    assert not held()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return kids
 
 
 def test_an_unreachable_address_fails_at_once_with_the_fix(tiny_data, tmp_path, capsys):
