@@ -31,13 +31,10 @@ def _no_run_outlives_its_test(request):
     import signal
     import time
 
-    from ray.util.state import list_actors
-
-    def left() -> list:
-        return [a for a in list_actors(filters=[("state", "!=", "DEAD")]) if a.class_name in RUN_ACTORS]
+    from .ray_cluster import run_actors_alive
 
     deadline = time.monotonic() + 30  # a run's teardown is asynchronous: killed actors take a moment to be DEAD
-    while (alive := left()) and time.monotonic() < deadline:
+    while (alive := run_actors_alive()) and time.monotonic() < deadline:
         time.sleep(0.5)
     for a in alive:  # every simulated node is this machine: the processes are ours to end
         with contextlib.suppress(ProcessLookupError):

@@ -57,6 +57,16 @@ class SimCluster:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+RUN_ACTORS = ("ControllerActor", "TrainWorker")
+
+
+def run_actors_alive() -> list:
+    """The state of every run actor (controller, rank) not yet DEAD on the connected cluster."""
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "!=", "DEAD")]) if a.class_name in RUN_ACTORS]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -85,9 +85,10 @@ def test_a_driver_whose_ray_job_was_stopped_stops_its_run(ray_cluster, tiny_data
     can miss the driver it forks: the job reads STOPPED, the driver trains on. Started the way the supervisor starts
     it (a shell in a session of its own, the job's config in the environment), the driver sees its shell gone, stops
     the run (controller and workers end, their slots free) and exits non-zero saying why."""
-    from ray.util.state import list_actors
-
+    from distgpt.bench.cpu_share import descendants
     from distgpt.orchestrator.supervised import RAY_JOB_ENV
+
+    from .ray_cluster import run_actors_alive
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "distgpt", "train", TINY, f"--data.prepared={tiny_data}", f"--run.out_dir={out}",
@@ -99,7 +100,7 @@ def test_a_driver_whose_ray_job_was_stopped_stops_its_run(ray_cluster, tiny_data
     while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and 2 in records(out)):
         time.sleep(0.2)
     assert 2 in records(out), log.read_text()[-3000:]
-    driver = next(p for p in _children(shell.pid))
+    driver = descendants(shell.pid)[0]  # the python the shell forked
     shell.kill()  # the shell alone, as the supervisor's stop does when it lists the processes before the fork
     shell.wait()
     t0 = time.monotonic()
@@ -111,28 +112,13 @@ def test_a_driver_whose_ray_job_was_stopped_stops_its_run(ray_cluster, tiny_data
     import ray
 
     def held() -> list:  # the run's actors still alive, and whether any slot is still taken
-        actors = [a.class_name for a in list_actors(filters=[("state", "!=", "DEAD")])
-                  if a.class_name in ("ControllerActor", "TrainWorker")]
+        actors = [a.class_name for a in run_actors_alive()]
         free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
         return actors + (["slots"] if free != total else [])
 
     while time.monotonic() - t0 < 60 and held():
         time.sleep(0.5)
     assert not held()
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    kids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(d))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-    return kids
 
 
 def test_an_unreachable_address_fails_at_once_with_the_fix(tiny_data, tmp_path, capsys):
