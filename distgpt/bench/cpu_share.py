@@ -25,6 +25,39 @@ class CpuShare:
     others: float
     """Every other process on the machine."""
     seconds: float
+    preempted_per_s: float = 0.0
+    """How often the training process's threads were switched out while they could still run (involuntary context
+    switches): on a machine its threads fill, every time something else woke up and took a core."""
+    wakeups_per_s: float = 0.0
+    """How often a thread of any other process went to sleep (voluntary context switches), i.e. woke up to do
+    something: Ray's daemons, actors and gRPC threads poll on timers, and each wake-up needs a core."""
+
+
+def _switches(pids: list[int], kind: str) -> dict[int, int]:
+    """``kind`` ('voluntary' or 'nonvoluntary') context switches of every thread of ``pids``, by thread id."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    line = next(x for x in f if x.startswith(f"{kind}_ctxt_switches:"))
+                out[int(tid)] = int(line.split()[1])
+            except (OSError, StopIteration, ValueError):
+                continue
+    return out
+
+
+def _grew(before: dict[int, int], after: dict[int, int]) -> int:
+    """Switches over the window (a thread born inside it counts from zero; one that ended is lost)."""
+    return sum(n - before.get(tid, 0) for tid, n in after.items())
+
+
+def _others(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != pid]
 
 
 def _proc_ticks(pid: int) -> int:
@@ -79,13 +112,16 @@ def measure(proc: subprocess.Popen, ray: bool, skip_s: float = 10.0, window_s: f
         pid = find_trainer(proc, ray)
     time.sleep(skip_s)
     try:
+        p0, v0 = _switches([pid], "nonvoluntary"), _switches(_others(pid), "voluntary")
         t0, m0, w0 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
         time.sleep(window_s)
         t1, m1, w1 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
+        p1, v1 = _switches([pid], "nonvoluntary"), _switches(_others(pid), "voluntary")
     except (OSError, TypeError):  # it ended inside the window
         return None
     if proc.poll() is not None:
         return None
     total = (w1 - w0) * TICKS * (os.cpu_count() or 1)
     trainer = (t1 - t0) / total
-    return CpuShare(trainer, max(0.0, (m1 - m0) / total - trainer), w1 - w0)
+    return CpuShare(trainer, max(0.0, (m1 - m0) / total - trainer), w1 - w0,
+                    _grew(p0, p1) / (w1 - w0), _grew(v0, v1) / (w1 - w0))

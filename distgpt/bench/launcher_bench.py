@@ -61,7 +61,8 @@ def _one(job: str, overrides: list[str], launcher: str, out: str) -> Run:
 
 def _cpu(r: Run) -> str:
     c = r.cpu
-    return "" if c is None else f"; CPU: the trainer {c.trainer:.1%}, the rest {c.others:.1%}"
+    return "" if c is None else (f"; CPU: the trainer {c.trainer:.1%}, the rest {c.others:.1%}; the trainer "
+                                 f"preempted {c.preempted_per_s:,.0f}/s, other threads woke {c.wakeups_per_s:,.0f}/s")
 
 
 def _geo(xs: list[float]) -> float:
@@ -101,4 +102,12 @@ def run(job: str, overrides: list[str], steps: int, rounds: int) -> int:
               f"{mean(ra.trainer for _, ra in shares)}, everything else {mean(ra.others for _, ra in shares)}; "
               f"local: the trainer {mean(lo.trainer for lo, _ in shares)}, everything else "
               f"{mean(lo.others for lo, _ in shares)})")
+
+        def rate(xs) -> str:
+            return f"{statistics.fmean(xs):,.0f}/s"
+
+        print(f"wake-ups: other threads woke {rate(ra.wakeups_per_s for _, ra in shares)} beside the rank, "
+              f"{rate(lo.wakeups_per_s for lo, _ in shares)} beside the local trainer; the training threads were "
+              f"preempted {rate(ra.preempted_per_s for _, ra in shares)} on Ray, "
+              f"{rate(lo.preempted_per_s for lo, _ in shares)} locally")
     return 0

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from distgpt.bench.cpu_share import descendants, measure
+from distgpt.bench.cpu_share import _grew, _switches, descendants, measure
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc")
 
@@ -38,3 +38,20 @@ def test_a_command_that_ends_first_has_no_share_and_descendants_are_found():
     finally:
         tree.kill()
         tree.wait()
+
+
+def test_wakeups_and_preemptions_are_counted_per_thread():
+    """A process that sleeps 10 ms in a loop goes to sleep (a voluntary switch) ~100 times a second; a window's
+    count of its switches says so. ``measure`` reports both rates for a real window, never negative."""
+    waker = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"])
+    try:
+        time.sleep(0.5)
+        before = _switches([waker.pid], "voluntary")
+        time.sleep(2.0)
+        woke = _grew(before, _switches([waker.pid], "voluntary")) / 2.0
+        got = measure(waker, ray=False, skip_s=0.2, window_s=1.0)
+    finally:
+        waker.kill()
+        waker.wait()
+    assert 60 < woke < 110, woke  # at most 100/s; a loaded machine stretches the sleeps
+    assert got is not None and got.preempted_per_s >= 0 and got.wakeups_per_s >= 0
