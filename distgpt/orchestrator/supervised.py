@@ -37,10 +37,11 @@ class JobWatch:
         """True once the leader has ended (or this process was orphaned before the watch was taken)."""
         return self.leader <= 1 or not alive(self.leader)
 
-    def reason(self) -> str:
-        """What a driver that stops for this says."""
+    def reason(self, resume: str = "resume it by submitting the same job again (it continues from its last "
+                                   "checkpoint)") -> str:
+        """What a driver that stops for this says; ``resume`` tells how to carry on."""
         return (f"the Ray job running this driver was stopped (its entrypoint process {self.leader} is gone) — the "
-                "run stops here; resume it by submitting the same job again (it continues from its last checkpoint)")
+                f"run stops here; {resume}")
 
 
 def alive(pid: int) -> bool:

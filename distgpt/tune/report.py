@@ -67,8 +67,27 @@ def load_arms(data: bytes) -> tuple[list[Arm], list[str]]:
     return arms, list(d["devices"])
 
 
+@dataclass
+class Ledger:
+    """The trials this process's fit started and saw end (complete, stopped by the scheduler, or errored). One that
+    started and never ended was cut short by an interrupt (Ctrl-C, a stopped Ray job): Tune's clean-up then marks it
+    TERMINATED like a trial the scheduler stopped, and only this tells the two apart. Kept outside the callback:
+    a resumed tune runs the callback Tune saved with the experiment, not one this process made."""
+
+    started: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+
+    def cut_short(self) -> set[str]:
+        """Trial ids started here whose end Tune never reported."""
+        return self.started - self.ended
+
+
+LEDGER = Ledger()
+"""This process's; ``runner.tune_job`` clears it before each fit."""
+
+
 class Progress(tune.Callback):
-    """One line per trial start and end: which arm, what it measured, why it stopped."""
+    """One line per trial start and end: which arm, what it measured, why it stopped (and the ``LEDGER``)."""
 
     def __init__(self, arms: list[Arm], total: int, log):
         self.arms, self.total, self.log = arms, total, log
@@ -79,11 +98,13 @@ class Progress(tune.Callback):
         return f"trial {trial.config.get('n', '?')}/{self.total} ({what})"
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        LEDGER.started.add(trial.trial_id)
         arm = self.arms[trial.config["arm"]]
         pred = f", predicted {_ms(arm.predicted_s)} ms/step" if arm.predicted_s else ""
         self.log(f"[tune] {self._name(trial)} started{pred}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        LEDGER.ended.add(trial.trial_id)
         r = trial.last_result or {}
         if r.get("status") == "failed":
             self.log(f"[tune] {self._name(trial)} failed: {r.get('reason')}")
@@ -93,6 +114,7 @@ class Progress(tune.Callback):
                  f"{r.get('tokens_per_s', 0):,.0f} tokens/s, loss {r.get('loss', math.nan):.3f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        LEDGER.ended.add(trial.trial_id)
         self.log(f"[tune] {self._name(trial)} errored: {_error(trial)}")
 
 
@@ -113,8 +135,9 @@ def _error(trial) -> str:
     return str(err).strip().splitlines()[-1][:200] if err else "the trial process failed"
 
 
-def row_of(trial, arms: list[Arm], max_t: int) -> TrialRow:
-    """A Tune Trial → its row (status from the trial's state and its last report)."""
+def row_of(trial, arms: list[Arm], max_t: int, cut: frozenset[str] = frozenset()) -> TrialRow:
+    """A Tune Trial → its row (status from the trial's state and its last report; ``cut``: the ids of trials an
+    interrupt stopped, see ``Ledger``)."""
     arm = arms[trial.config["arm"]]
     r = trial.last_result or {}
     reported = r.get("status")
@@ -124,7 +147,7 @@ def row_of(trial, arms: list[Arm], max_t: int) -> TrialRow:
         status, why = "failed", str(r.get("reason", ""))
     elif reported == "finished":
         status, why = "finished", f"ran all {r.get('step', 0)} steps"
-    elif trial.status == "TERMINATED" and r.get("training_iteration", 0) < max_t:
+    elif trial.status == "TERMINATED" and r.get("training_iteration", 0) < max_t and trial.trial_id not in cut:
         status, why = "stopped", f"stopped by ASHA after step {r.get('step', 0)}: below its rung's cutoff"
     else:
         status, why = "interrupted", "the tune was interrupted before this trial ended"
@@ -135,10 +158,11 @@ def row_of(trial, arms: list[Arm], max_t: int) -> TrialRow:
 
 
 def build(arms: list[Arm], devices: list[str], trials: list, wall_s: float, planned: int,
-          max_t: int, injected: set[int] | None = None) -> TuneReport:
+          max_t: int, injected: set[int] | None = None, cut: frozenset[str] = frozenset()) -> TuneReport:
     """The report of a finished (or interrupted) tune. Trials ``injected`` with a fault (a drill's straggler) rank
-    by what they measured but are no evidence about their plan's costs: the refit leaves them out."""
-    rows = sorted((row_of(t, arms, max_t) for t in trials), key=lambda r: r.n)
+    by what they measured but are no evidence about their plan's costs: the refit leaves them out. ``cut``: the
+    trials an interrupt stopped (``Ledger.cut_short``)."""
+    rows = sorted((row_of(t, arms, max_t, cut) for t in trials), key=lambda r: r.n)
     interrupted = len(rows) < planned or any(r.status == "interrupted" for r in rows)
     usable = [r for r in rows if r.status in ("finished", "stopped") and r.steps >= 2]
     best = max(usable, key=lambda r: r.score, default=None)

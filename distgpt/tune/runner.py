@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from distgpt.errors import DistgptError, RunFailed
 from distgpt.orchestrator.credentials import split_credentials
 from distgpt.orchestrator.driver import absolute, connect
 from distgpt.orchestrator.inventory import RayNode, ray_nodes, to_inventory
+from distgpt.orchestrator.supervised import JobWatch
 from distgpt.planner.calibrate import device_models, load_profile
 from distgpt.planner.plan import Plan
 from distgpt.tune import report
@@ -71,8 +73,12 @@ class TuneOptions:
 
 
 def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
-    """Run the tune to its end (or to Ctrl-C); write OUT; return the report."""
+    """Run the tune to its end (or to Ctrl-C, or to ``ray job stop`` of the job it runs in); write OUT; return the
+    report."""
+    watch = JobWatch.here()  # taken first: the sooner, the less can have ended unseen
     _check(job, o)
+    if watch is not None and watch.gone():
+        raise TuneStopped(watch.reason(RESUME))
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the loggers are chosen in _loggers (also on resume)
     log(f"ray: {connect(o.address or job.cluster.address, job.cluster.embedded_cpus)}")
     job = absolute(job)
@@ -100,17 +106,53 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
     else:
         tuner = tune.Tuner(trainable, tune_config=_tune_config(o, arms, job, n),
                            run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
-                                                     verbose=0, callbacks=[progress, *_loggers()],
+                                                     verbose=0, callbacks=[progress, *_loggers(),
+                                                                           StopWithTheJob(log)],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
+    report.LEDGER.started.clear()
+    report.LEDGER.ended.clear()
     grid = tuner.fit()
-    trials = grid._experiment_analysis.trials  # Tune's Trial objects: their status tells stopped from interrupted
-    rep = report.build(arms, devices, trials, time.monotonic() - t0, n, o.steps + 1, injected=set(o.faults or {}))
+    trials = grid._experiment_analysis.trials  # Tune's Trial objects: their status tells finished from failed
+    rep = report.build(arms, devices, trials, time.monotonic() - t0, n, o.steps + 1, injected=set(o.faults or {}),
+                       cut=frozenset(report.LEDGER.cut_short()))
     report.write(rep, o.out, arms, o.profile, log)
     if rep.interrupted:
         log(f"\ninterrupted: {len(rep.rows)} of {n} trials started; resume with the same command and --resume")
     elif rep.best is None:
         raise TuneFailed("every trial failed (see the table above for why) — nothing was measured")
     return rep
+
+
+RESUME = "resume it by submitting the same command again with --resume (finished trials are kept)"
+
+
+class TuneStopped(RunFailed, RuntimeError):
+    """The Ray job this tune runs in was stopped before the tune began."""
+
+
+class StopWithTheJob(tune.Callback):
+    """A tune run as a Ray job ends with the job. ``ray job stop`` signals the entrypoint's processes as they are at
+    that instant and can miss the driver (``orchestrator/supervised.py``); a driver that did not get the signal sees
+    its job's entrypoint gone here, at the next step of Tune's loop, and interrupts itself as Ctrl-C would: the
+    trials are stopped (their ranks with them), the experiment is saved, and ``--resume`` carries it on.
+
+    The watch is taken when the experiment starts, in the process that runs it: a resumed tune restores its
+    callbacks from the saved experiment, and must not watch the stopped job's long-gone entrypoint."""
+
+    def __init__(self, log):
+        self.log, self.watch, self.sent = log, None, False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "watch": None, "sent": False}
+
+    def setup(self, **info):
+        self.watch = JobWatch.here()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.watch is not None and not self.sent and self.watch.gone():
+            self.sent = True
+            self.log(f"\n{self.watch.reason(RESUME)}")
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's own handler: the interrupted-and-resumable path
 
 
 def _loggers() -> list:

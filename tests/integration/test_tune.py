@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def test_tune_ctrl_c_leaves_nothing_and_resumes(ray_cluster, tiny_data, tmp_path
     first = json.load(open(os.path.join(out, "trials.json")))["trials"]
     one = next(t for t in first if t["n"] == 1)
     assert one["status"] == "finished"
+    two = next(t for t in first if t["n"] == 2)  # cut short: not a scheduler's stop, and not measured as one
+    assert two["status"] == "interrupted", two
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -152,3 +155,38 @@ def test_tune_ctrl_c_leaves_nothing_and_resumes(ray_cluster, tiny_data, tmp_path
     again = next(t for t in final["trials"] if t["n"] == 1)
     assert again["measured_s"] == one["measured_s"]  # kept, not run again
     assert not _alive()["actors"]
+
+
+def test_a_tune_whose_ray_job_was_stopped_stops_its_trials(ray_cluster, tiny_data, tmp_path):
+    """``ray job stop`` can miss the driver its entrypoint shell forked (``orchestrator/supervised.py``). A tune
+    driver started the supervisor's way (a shell in a session of its own, the job's config in the environment)
+    whose shell is killed mid-trial interrupts itself as Ctrl-C would: it says why and how to resume, exits, and
+    leaves no trial actor, rank, process or placement group; the saved tune reads interrupted."""
+    from distgpt.bench.cpu_share import descendants
+    from distgpt.orchestrator.supervised import RAY_JOB_ENV
+
+    out, log = tmp_path / "tune", tmp_path / "driver.log"
+    cmd = [sys.executable, "-m", "distgpt.cli", "tune", str(REPO / "jobs" / "tiny.toml"), "--trials", "1",
+           "--steps", "100000", "--out", str(out), "--address", ray_cluster.cluster.address,
+           f"--data.prepared={tiny_data}", f"--run.out_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", RAY_JOB_ENV: json.dumps({"runtime_env": {}, "metadata": {}})}
+    shell = subprocess.Popen(f"{shlex.join(cmd)} > {log} 2>&1; true", shell=True, start_new_session=True, env=env,
+                             cwd=REPO)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "trial 1/1" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    time.sleep(6)  # let its ranks start and step
+    assert _alive()["actors"], log.read_text()[-3000:]
+    driver = descendants(shell.pid)[0]  # the python the shell forked
+    shell.kill()  # the shell alone, as the supervisor's stop does when it lists the processes before the fork
+    shell.wait()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 90 and _running(driver):
+        time.sleep(0.5)
+    text = log.read_text()
+    assert not _running(driver), "the tune ran on after its job's entrypoint shell ended\n" + text[-3000:]
+    assert "the Ray job running this driver was stopped" in text and "--resume" in text, text[-3000:]
+    left = _alive()
+    assert not left["actors"] and not left["pgs"], left
+    assert not _processes_gone(left["all_actors"]), "a trial process outlived the tune"
+    assert json.load(open(out / "trials.json"))["interrupted"], text[-3000:]

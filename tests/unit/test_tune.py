@@ -194,7 +194,8 @@ def test_trial_rows_say_why_each_ended():
 
     arms = [Arm(0, _job().plan, 0.1)]
     def trial(state, **last):
-        return SimpleNamespace(status=state, config={"arm": 0, "n": 1}, last_result=last, get_error=lambda: None)
+        return SimpleNamespace(status=state, config={"arm": 0, "n": 1}, last_result=last, get_error=lambda: None,
+                               trial_id="t1")
 
     assert row_of(trial("TERMINATED", status="finished", step=8), arms, 9).status == "finished"
     stopped = row_of(trial("TERMINATED", status="running", step=3, training_iteration=3), arms, 9)
@@ -202,6 +203,9 @@ def test_trial_rows_say_why_each_ended():
     failed = row_of(trial("TERMINATED", status="failed", reason="out of memory: x", step=2), arms, 9)
     assert failed.status == "failed" and failed.why == "out of memory: x"
     assert row_of(trial("RUNNING", status="running", step=2, training_iteration=2), arms, 9).status == "interrupted"
+    # an interrupt marks a running trial TERMINATED, as a scheduler stop does: the ledger tells them apart
+    cut = row_of(trial("TERMINATED", status="running", step=3, training_iteration=3), arms, 9, frozenset({"t1"}))
+    assert cut.status == "interrupted"
 
 
 @pytest.mark.parametrize("argv, message", [
