@@ -223,7 +223,7 @@ def _show(e: Event, sink: MetricsSink, bar) -> None:
     """One controller event on the terminal and, for records and recoveries, in metrics.jsonl / TensorBoard."""
     match e:
         case RecordEvent(record=rec):
-            sink.write({k: v for k, v in rec.items() if k != "time"})
+            sink.write(rec)  # with the rank's "time": when the step ended, not when this poll fetched it
             if rec.get("kind") is None and "loss" in rec:
                 bar.n = rec["step"]
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec.get('tokens_per_s', 0):,.0f}",

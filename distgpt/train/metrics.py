@@ -61,13 +61,14 @@ class MetricsSink:
             self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
-        """One record: a dict with 'step' and numeric (or None) metrics, plus optional 'kind'."""
+        """One record: a dict with 'step' and numeric (or None) metrics, plus optional 'kind' and 'time' (when it
+        happened, on the rank that made it; default: now)."""
         self._file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self._file.flush()
         if self._tb is not None:
             prefix = record.get("kind", "train")
             for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
                     self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
     def close(self) -> None:
