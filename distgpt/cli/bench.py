@@ -53,8 +53,12 @@ def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def launcher(args: argparse.Namespace, overrides: list[str]) -> int:
     """distgpt train on the embedded Ray cluster vs in this process, end to end."""
-    from distgpt.bench.launcher_bench import run
+    from distgpt.bench.launcher_bench import DEFAULT, run
 
+    if args.interleave:
+        from distgpt.bench.launcher_interleave import run_interleaved
+
+        return run_interleaved(args.job, overrides, args.interleave, args.windows, DEFAULT)
     return run(args.job, overrides, args.steps, args.rounds)
 
 
@@ -62,6 +66,9 @@ def _launcher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", default="jobs/tiny.toml")
     p.add_argument("--steps", type=int, default=2000, help="steps per run (default 2000: ~2–3 minutes here)")
     p.add_argument("--rounds", type=int, default=2, help="alternated pairs (default 2: ABBA)")
+    p.add_argument("--interleave", type=float, default=0.0, metavar="SECONDS",
+                   help="instead: both launchers at once, taking turns every SECONDS (the per-step cost alone)")
+    p.add_argument("--windows", type=int, default=24, help="--interleave: turns in all (default 24)")
 
 
 def ray_bench(args: argparse.Namespace, overrides: list[str]) -> int:
