@@ -245,3 +245,21 @@ def test_rank_threads_share_the_cores_a_rank_may_use():
     # two simulated nodes of 2 CPUs each on one 2-core host: one core each, not two
     assert rank_threads(job, [("a", "127.0.0.1"), ("b", "127.0.0.1")], {"a": 2.0, "b": 2.0}, 2) == [1, 1]
     assert rank_threads(_job("--train.threads=3"), [("a", "ip")], {"a": 2.0}, 2) == [3]
+
+
+def test_a_tune_whose_ray_job_was_already_stopped_does_not_start(monkeypatch, capsys):
+    """Inside a Ray job whose entrypoint is already gone, ``distgpt tune`` says so and exits 1 before it connects
+    to any cluster (the mid-tune case is tests/integration/test_tune.py)."""
+    from distgpt.cli import main
+    from distgpt.orchestrator import driver, supervised
+
+    monkeypatch.setenv(supervised.RAY_JOB_ENV, "{}")
+    monkeypatch.setattr(supervised.JobWatch, "here", classmethod(lambda cls: cls(1)))  # orphaned: pid 1 adopted it
+
+    def no_connect(*a, **k):
+        raise AssertionError("connected to a cluster for a stopped job")
+
+    monkeypatch.setattr(driver, "connect", no_connect)
+    monkeypatch.setattr("distgpt.tune.runner.connect", no_connect)
+    assert main(["tune", str(REPO / "jobs" / "tiny.toml"), "--out", "/nonexistent/never-written"]) == 1
+    assert "the Ray job running this driver was stopped" in capsys.readouterr().err
