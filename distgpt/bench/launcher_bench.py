@@ -11,7 +11,6 @@ reason for a per-step gap on a machine whose cores the one rank fills.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import subprocess
@@ -19,9 +18,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from distgpt.bench.cpu_share import CpuShare, measure
+from distgpt.train.metrics import read_records
 
 DEFAULT = ["--model.n_layer=4", "--model.n_embd=128", "--model.block_size=64", "--train.global_batch_size=12",
            "--plan.micro_batch_size=12", "--checkpoint.interval=0", "--train.progress=false"]
@@ -53,7 +52,7 @@ def _one(job: str, overrides: list[str], launcher: str, out: str) -> Run:
         if code != 0:
             err.seek(0)
             raise RuntimeError(f"{launcher} run failed: {err.read().strip().splitlines()[-1:]}")
-    recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    recs = read_records(out)
     steps = [r for r in recs if r.get("kind") is None and "tokens_per_s" in r]
     tps = statistics.median(r["tokens_per_s"] for r in steps[1:] or steps)
     return Run(launcher, wall, steps[0]["time"] - t0, tps, cpu)

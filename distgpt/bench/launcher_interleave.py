@@ -14,7 +14,6 @@ Ray's threads in it, the controller's polls), not Ray's daemons'.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -23,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from distgpt.bench.cpu_share import descendants, find_trainer
+from distgpt.bench.launcher_bench import DEFAULT
+from distgpt.train.metrics import read_records
 
 SETTLE_S = 1.0
 """Left out at the start of each window: the resumed process's caches and OpenMP threads warm up again."""
@@ -41,8 +41,7 @@ def window_medians(stamps: list[tuple[float, float]], windows: list[tuple[float,
 
 
 def _stamps(out: str) -> list[tuple[float, float]]:
-    recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return [(r["time"], r["step_time_s"]) for r in recs if r.get("kind") is None and "step_time_s" in r]
+    return [(r["time"], r["step_time_s"]) for r in read_records(out) if r.get("kind") is None and "step_time_s" in r]
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -76,9 +75,9 @@ def _alternate(trainers: dict[str, int], window_s: float, windows: int) -> dict[
     return spans
 
 
-def run_interleaved(job: str, overrides: list[str], window_s: float, windows: int, default: list[str]) -> int:
+def run_interleaved(job: str, overrides: list[str], window_s: float, windows: int) -> int:
     """Both launchers at once, taking turns ``windows`` times for ``window_s`` each; print the per-step ratio."""
-    flags = [*default, *overrides, "--train.log_interval=1", "--train.eval_interval=0", "--train.max_steps=1000000"]
+    flags = [*DEFAULT, *overrides, "--train.log_interval=1", "--train.eval_interval=0", "--train.max_steps=1000000"]
     print(f"distgpt train {job} {' '.join(flags)}: Ray's rank and the in-process trainer taking turns, "
           f"{windows} windows of {window_s:g} s")
     with tempfile.TemporaryDirectory() as tmp:

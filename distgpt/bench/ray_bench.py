@@ -13,7 +13,6 @@ Everything is on the machine's own Ray cluster (embedded on 127.0.0.1 unless --a
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -25,18 +24,15 @@ from pathlib import Path
 
 from distgpt.config import JobConfig, load_job
 from distgpt.data.prepare import ensure_prepared
-
-
-def _records(out: str) -> list[dict]:
-    return [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+from distgpt.train.metrics import read_records
 
 
 def _first_step_time(out: str) -> float:
-    return next(r["time"] for r in _records(out) if r.get("kind") is None and "loss" in r)
+    return next(r["time"] for r in read_records(out) if r.get("kind") is None and "loss" in r)
 
 
 def _median_tps(out: str) -> float:
-    tps = [r["tokens_per_s"] for r in _records(out) if r.get("kind") is None and "tokens_per_s" in r]
+    tps = [r["tokens_per_s"] for r in read_records(out) if r.get("kind") is None and "tokens_per_s" in r]
     return statistics.median(tps[1:] or tps)
 
 
@@ -130,7 +126,7 @@ def run(job_path: str, overrides: list[str], world: int = 2, steps: int = 40) ->
           f"   [runs: {', '.join(f'{a:,.0f}/{b:,.0f}' for a, b in zip(ray_tps, tr_tps, strict=True))}]")
     _ray_run(src, [*base, "--checkpoint.interval=5", "--checkpoint.async_save=false",
                          f"--cluster.inject=['kill@{steps // 2}:1']"], f"{tmp}/recover")
-    resumed = [x for x in _records(f"{tmp}/recover") if x.get("kind") == "resumed"]
+    resumed = [x for x in read_records(f"{tmp}/recover") if x.get("kind") == "resumed"]
     print(f"recovery from a SIGKILLed rank: {resumed[0]['recovery_s']:.1f} s from the failure to the next completed "
           f"step (goal < 10 s + checkpoint load)")
     return 0

@@ -53,12 +53,12 @@ def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def launcher(args: argparse.Namespace, overrides: list[str]) -> int:
     """distgpt train on the embedded Ray cluster vs in this process, end to end."""
-    from distgpt.bench.launcher_bench import DEFAULT, run
+    from distgpt.bench.launcher_bench import run
 
     if args.interleave:
         from distgpt.bench.launcher_interleave import run_interleaved
 
-        return run_interleaved(args.job, overrides, args.interleave, args.windows, DEFAULT)
+        return run_interleaved(args.job, overrides, args.interleave, args.windows)
     return run(args.job, overrides, args.steps, args.rounds)
 
 

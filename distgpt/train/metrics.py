@@ -77,6 +77,12 @@ class MetricsSink:
             self._tb.close()
 
 
+def read_records(out_dir: str) -> list[dict[str, Any]]:
+    """The records a run wrote to ``out_dir/metrics.jsonl`` (``MetricsSink``), in order."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank so far: allocated device memory on a GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":

@@ -77,6 +77,11 @@ class Ledger:
     started: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
 
+    def reset(self) -> None:
+        """Forget an earlier fit's trials (a process may run more than one tune)."""
+        self.started.clear()
+        self.ended.clear()
+
     def cut_short(self) -> set[str]:
         """Trial ids started here whose end Tune never reported."""
         return self.started - self.ended

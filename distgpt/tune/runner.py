@@ -109,8 +109,7 @@ def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
                                                      verbose=0, callbacks=[progress, *_loggers(),
                                                                            StopWithTheJob(log)],
                                                      failure_config=tune.FailureConfig(max_failures=0)))
-    report.LEDGER.started.clear()
-    report.LEDGER.ended.clear()
+    report.LEDGER.reset()
     grid = tuner.fit()
     trials = grid._experiment_analysis.trials  # Tune's Trial objects: their status tells finished from failed
     rep = report.build(arms, devices, trials, time.monotonic() - t0, n, o.steps + 1, injected=set(o.faults or {}),
