@@ -101,6 +101,17 @@ def find_trainer(proc: subprocess.Popen, ray: bool) -> int | None:
     return None
 
 
+def _runs_for(proc: subprocess.Popen, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``proc`` ends first (then at once: a caller timing the command must not wait out a
+    window the command no longer fills)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    return proc.poll() is None
+
+
 def measure(proc: subprocess.Popen, ray: bool, skip_s: float = 10.0, window_s: float = 30.0) -> CpuShare | None:
     """Wait for the training process, let it run ``skip_s`` (start-up, compilation of nothing, first evals), then
     read CPU over ``window_s``. ``None`` if the command ends first or this is not Linux."""
@@ -110,11 +121,13 @@ def measure(proc: subprocess.Popen, ray: bool, skip_s: float = 10.0, window_s: f
     while pid is None and proc.poll() is None:
         time.sleep(0.5)
         pid = find_trainer(proc, ray)
-    time.sleep(skip_s)
+    if pid is None or not _runs_for(proc, skip_s):
+        return None
     try:
         p0, v0 = _switches([pid], "nonvoluntary"), _switches(_others(pid), "voluntary")
         t0, m0, w0 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
-        time.sleep(window_s)
+        if not _runs_for(proc, window_s):
+            return None
         t1, m1, w1 = _proc_ticks(pid), _machine_busy_ticks(), time.monotonic()
         p1, v1 = _switches([pid], "nonvoluntary"), _switches(_others(pid), "voluntary")
     except (OSError, TypeError):  # it ended inside the window

@@ -29,6 +29,10 @@ def test_a_process_spinning_on_one_core_gets_about_one_core():
 def test_a_command_that_ends_first_has_no_share_and_descendants_are_found():
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     assert measure(quick, ray=False, skip_s=2.0, window_s=1.0) is None
+    short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    t0 = time.monotonic()
+    assert measure(short, ray=False, skip_s=30.0, window_s=30.0) is None
+    assert time.monotonic() - t0 < 15  # it returned when the command ended, not after the 60 s it asked for
     tree = subprocess.Popen(["bash", "-c", "sleep 3 & sleep 3 & wait"])
     try:
         time.sleep(0.5)
