@@ -65,6 +65,24 @@ def report(runs: list[MeasuredRun]) -> None:
         rest = [score_run(r, {dev: model}) for r in runs if r.device == dev and r.split == "held_out" and r != small]
         if rest:
             print(_line(f"{dev} (on {small.run})", rest))
+    _calibrated_per_system(systems)
+
+
+def _calibrated_per_system(systems: dict[str, list[Scored]]) -> None:
+    """Each held-out system calibrated on its own smallest run of each type: what a user of that system gets from
+    one short run of it (``bench hardware``, or a tune's refit)."""
+    lines = []
+    for name, rows in sorted(systems.items(), key=lambda kv: -len(kv[1])):
+        mine = [s.run for s in rows]
+        rest = []
+        for dev in sorted({r.device for r in mine}):
+            small, model = calibrate_one(mine, dev)
+            rest += [score_run(r, {dev: model}) for r in mine if r.device == dev and r != small]
+        if len(rest) >= 2:
+            lines.append(_line(name, rest))
+    if lines:
+        print("held out, each system calibrated on its own smallest run of each type (that run left out):")
+        print("\n".join(lines))
 
 
 def print_fit(runs: list[MeasuredRun]) -> None:

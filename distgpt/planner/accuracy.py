@@ -16,6 +16,8 @@ benchmarks; every row names its source). Columns:
                                             max_memory_reserved show it) or 'allocated' (torch's
                                             max_memory_allocated: tensors only, so the prediction leaves out the
                                             runtime overhead — CUDA context, NCCL buffers, allocator cache)
+  tie_embeddings                            optional: false where the output layer has its own weights (default
+                                            true, as GPT-2 and MPT tie them)
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class MeasuredRun:
     step_time_s: float
     peak_memory_gib: float | None = None
     memory_measure: str = "device"
+    tie_embeddings: bool = True
 
     @property
     def model_key(self) -> tuple[int, int, int]:
@@ -99,9 +102,9 @@ def load_table(path: str | Path) -> list[MeasuredRun]:
         raise TableError(f"{p}: no such table (a CSV of measured runs; see distgpt/planner/accuracy.py for columns)")
     cols = {f.name: f for f in fields(MeasuredRun)}
     types = {"int": int, "float": float, "bool": bool, "str": str, "float | None": float}
+    optional = {"peak_memory_gib": None, "memory_measure": "device", "tie_embeddings": True}
     with p.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        optional = ("peak_memory_gib", "memory_measure")
         missing = [c for c in cols if c not in optional and c not in (reader.fieldnames or [])]
         if missing:
             raise TableError(f"{p}: missing column(s) {', '.join(missing)}")
@@ -113,7 +116,7 @@ def load_table(path: str | Path) -> list[MeasuredRun]:
                 where = f"{p}:{i} column {name}"
                 if not raw:
                     if name in optional:
-                        vals[name] = None if name == "peak_memory_gib" else "device"
+                        vals[name] = optional[name]
                         continue
                     raise TableError(f"{where}: empty")
                 vals[name] = _parse(raw, types[str(f.type)], where)
@@ -144,7 +147,7 @@ def _check(r: MeasuredRun, where: str) -> None:
 def run_inputs(r: MeasuredRun) -> tuple[Plan, Workload, Inventory]:
     """The Plan, workload and one-group inventory the cost model sees for a row."""
     model = GPTConfig(vocab_size=r.vocab_size, block_size=r.seq_len, n_layer=r.n_layer, n_head=r.n_head,
-                      n_embd=r.n_embd, ffn_mult=r.ffn_mult, bias=r.bias)
+                      n_embd=r.n_embd, ffn_mult=r.ffn_mult, bias=r.bias, tie_embeddings=r.tie_embeddings)
     dev = device_type(r.device)
     inv = Inventory((NodeGroup(r.device, dev, r.gpus_per_node, r.nodes, network_bw=r.network_gbps * 1e9),))
     plan = Plan(dp=r.dp, tp=r.tp, pp=r.pp, micro_batch_size=r.micro_batch, dp_engine=r.engine,  # type: ignore[arg-type]

@@ -17,14 +17,14 @@ Time (seconds per step)
     narrow or short matrices, attention, memory-bound element-wise work, a fixed cost per layer — fitted to published
     runs); with a measured profile (CPU slots, or ``distgpt bench hardware`` on a GPU node), 6·N_layer + 12·s·h FLOPs
     per token per layer at the measured FLOP/s for that micro-batch. ×4/3 with recomputation.
-  * tensor parallel: 4 all-reduces of s·b·h per layer per micro-batch (2 forward, 2 backward), ring cost
-    2(t−1)/t · bytes / bw + latency; not overlapped.
+  * tensor parallel: 4 all-reduces of s·b·h per layer per micro-batch (2 forward, 2 backward), each a bandwidth term
+    2(t−1)/t · bytes / bw plus the library's latency (``planner/collectives.py``); not overlapped.
   * pipeline: (m + p − 1) · slowest stage time (the bubble is the p − 1 term) plus stage-to-stage sends.
-  * data parallel: ring all-reduce of the gradients, 2(d−1)/d · bytes / slowest link (NVLink / PCIe inside a node,
-    the node's NIC across nodes) plus a latency per hop per message (per 25 MiB DDP bucket, per layer for FSDP2 /
-    ZeRO-3), overlapped with backward only by engines that overlap it (DDP, FSDP2, ZeRO-3; not ZeRO-1/2, not the
-    all-reduce after a pipeline schedule); FSDP2 / ZeRO-3 also all-gather parameters (bf16 under bf16) every
-    micro-batch.
+  * data parallel: all-reduce of the gradients, 2(d−1)/d · bytes / slowest link (NVLink / PCIe inside a node, the
+    node's NICs across nodes) plus the library's latency per message (per 25 MiB DDP bucket, per layer for FSDP2 /
+    ZeRO-3; NCCL's tuner model on GPUs, ring or tree: ``planner/collectives.py``), overlapped with backward only by
+    engines that overlap it (DDP, FSDP2, ZeRO-3; not ZeRO-1/2, not the all-reduce after a pipeline schedule);
+    FSDP2 / ZeRO-3 also all-gather parameters (bf16 under bf16) every micro-batch.
   * optimizer: Adam streams ~28 bytes per local parameter through device memory.
 """
 
@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from distgpt.model.config import GPTConfig
 from distgpt.model.presets import layer_params
+from distgpt.planner.collectives import Hops, allgather, allreduce, library_hops, send
 from distgpt.planner.efficiency import Efficiency, efficiency_for, head_seconds, layer_seconds
 from distgpt.planner.hardware import DeviceType
 
 WEIGHT_B, GRAD_B, ADAM_B = 4, 4, 8
-LATENCY_S = 20e-6  # per collective hop on GPUs; profiles replace it
 SATURATION_TOKENS = 256  # tokens per micro-batch at which an uncalibrated device reaches half its efficiency
 
 
@@ -71,7 +72,8 @@ class DeviceModel:
     achieved_flops: float = 0.0
     """Measured FLOP/s of transformer layers (0: peak × efficiency)."""
     intra_bw: float = 0.0
-    latency: float = LATENCY_S
+    latency: float = 0.0
+    """Measured per-hop latency of a collective, seconds (a profile); 0: the library's model (NCCL's on GPUs)."""
     comm_overlap: float = 0.8
     """Share of a gradient reduction hidden behind backward compute (0 where compute and comm share cores)."""
     act_scale: float = 1.0
@@ -129,6 +131,11 @@ class DeviceModel:
         if self.flops_curve or self.achieved_flops:
             return None
         return self.efficiency or efficiency_for(self.device.name)
+
+    @cached_property  # asked for on every stage of every candidate: ~70k times a search
+    def hops(self) -> Hops:
+        """The collective library's latencies on this device (``planner/collectives.py``)."""
+        return library_hops(self.device, self.latency)
 
     @property
     def link_bw(self) -> float:
@@ -257,7 +264,7 @@ def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) 
         t = flops / dev.flops(w.dtype, tokens)
     if tp > 1:
         n_ar = 6 if recompute else 4
-        t += n_ar * ring_allreduce(tokens * m.n_embd * w.act_bytes, tp, dev.link_bw, dev.latency)
+        t += n_ar * allreduce(tokens * m.n_embd * w.act_bytes, tp, 1, dev.link_bw, dev.hops)
     return t
 
 
@@ -271,16 +278,9 @@ def head_time(w: Workload, dev: DeviceModel, b: int, tp: int) -> float:
     return tokens * 6 * w.model.vocab_size * w.model.n_embd / tp / dev.flops(w.dtype, tokens)
 
 
-def ring_allreduce(nbytes: float, n: int, bw: float, latency: float) -> float:
-    """Ring all-reduce: 2(n−1)/n of the data crosses the slowest link, in 2(n−1) latency-bound hops."""
-    if n <= 1:
-        return 0.0
-    return 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * latency
-
-
-def p2p_time(w: Workload, b: int, bw: float, latency: float) -> float:
+def p2p_time(w: Workload, b: int, bw: float, hops: Hops, across_nodes: bool = False) -> float:
     """One stage boundary, one micro-batch: activations forward and their gradients backward."""
-    return 2 * (b * w.seq_len * w.model.n_embd * w.act_bytes / bw + latency)
+    return 2 * send(b * w.seq_len * w.model.n_embd * w.act_bytes, bw, hops, across_nodes)
 
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb: one all-reduce per bucket
@@ -298,15 +298,15 @@ def engine_overlap(engine: str, zero: int, pp: int, overlap: float) -> float:
     return overlap
 
 
-def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, latency: float, n_micro: int,
+def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, hops: Hops, n_micro: int,
             backward_last: float, compute_micro: float, overlap: float, pp: int = 1, *, layers: int = 1,
-            gather_bytes: float = WEIGHT_B) -> float:
-    """Exposed data-parallel communication per step.
+            gather_bytes: float = WEIGHT_B, nodes: int = 1) -> float:
+    """Exposed data-parallel communication per step, the replicas spread over ``nodes`` nodes.
 
-    Each collective pays its latency per ring hop, so many small messages cost more than one large one: DDP sends one
-    all-reduce per 25 MiB bucket, FSDP2 / ZeRO-3 one all-gather per layer forward and backward (at ``gather_bytes``
-    per parameter: bf16 under bf16 mixed precision) and one reduce-scatter per layer. FSDP2 inside pipeline stages
-    gathers once per step, not once per micro-batch (see ``state_bytes``)."""
+    Each collective pays the library's latency once per call, so many small messages cost more than one large one:
+    DDP sends one all-reduce per 25 MiB bucket, FSDP2 / ZeRO-3 one all-gather per layer forward and backward (at
+    ``gather_bytes`` per parameter: bf16 under bf16 mixed precision) and one reduce-scatter per layer. FSDP2 inside
+    pipeline stages gathers once per step, not once per micro-batch (see ``state_bytes``)."""
     if dp <= 1:
         return 0.0
     overlap = engine_overlap(engine, zero, pp, overlap)
@@ -314,13 +314,13 @@ def dp_time(params: float, engine: str, zero: int, dp: int, bw: float, latency: 
     if engine == "fsdp" and pp > 1:
         n_micro = 1
     if engine == "fsdp" or zero == 3:
-        hops = (dp - 1) * latency
-        gather = 2 * ((dp - 1) / dp * params * gather_bytes / bw + layers * hops)  # forward + backward
+        layers = max(1, layers)
+        gather = 2 * layers * allgather(params * gather_bytes / layers, dp, nodes, bw, hops)  # forward + backward
         per_micro = max((1 - overlap) * gather, gather - overlap * compute_micro)
-        reduce = (dp - 1) / dp * grads / bw + layers * hops
+        reduce = layers * allgather(grads / layers, dp, nodes, bw, hops)
         return n_micro * per_micro + max((1 - overlap) * reduce, reduce - overlap * backward_last)
     buckets = max(1, math.ceil(grads / DDP_BUCKET_BYTES)) if engine == "ddp" else 1
-    comm = ring_allreduce(grads, dp, bw, latency) + (buckets - 1) * 2 * (dp - 1) * latency
+    comm = buckets * allreduce(grads / buckets, dp, nodes, bw, hops)
     return max((1 - overlap) * comm, comm - overlap * backward_last)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from distgpt.model.presets import flops_per_token
 from distgpt.planner import cost
+from distgpt.planner.collectives import nodes_spanned
 from distgpt.planner.cost import DeviceModel, Workload
 from distgpt.planner.inventory import Inventory, NodeGroup
 from distgpt.planner.plan import Plan
@@ -74,12 +75,18 @@ class Evaluator:
         if j == lay.pp - 1:
             t += cost.head_time(self.w, d, m, lay.tp)
         if lay.pp > 1:
-            t += cost.p2p_time(self.w, m, self.link(stages, lay.tp * lay.pp), d.latency)
+            span = lay.tp * lay.pp
+            t += cost.p2p_time(self.w, m, self.link(stages, span), d.hops, self.crosses(stages, span))
         return t
+
+    @staticmethod
+    def crosses(groups: tuple[NodeGroup, ...], span: int) -> bool:
+        """Whether ranks spread over ``groups`` needing ``span`` devices of each talk across nodes."""
+        return not (len({g.name for g in groups}) == 1 and span <= groups[0].count)
 
     def link(self, groups: tuple[NodeGroup, ...], span: int) -> float:
         """Slowest link among ranks spread over ``groups`` needing ``span`` devices of each."""
-        if len({g.name for g in groups}) == 1 and span <= groups[0].count:
+        if not self.crosses(groups, span):
             return self.dev(groups[0]).link_bw
         if len({g.site for g in groups}) > 1:
             return self.inv.inter_site_bw
@@ -142,10 +149,14 @@ class Evaluator:
         devs = [self.dev(g) for g in groups]
         # inside one node the replicas reduce over NVLink / PCIe; across nodes over the slowest NIC
         bw = self.link(groups, dp * lay.tp * lay.pp) if dp > 1 else 1.0
+        # replicas share a node where tp × pp leaves room (model-parallel ranks are placed inside a node first)
+        nodes = nodes_spanned(dp, min(g.count for g in groups) // (lay.tp * lay.pp)) \
+            if self.crosses(groups, dp * lay.tp * lay.pp) else 1
         n_micro = max(max(u) for u in per)
-        dpt = cost.dp_time(params, engine, zero, dp, bw, max(d.latency for d in devs), n_micro, 2 / 3 * min(times),
-                           min(times), min(d.comm_overlap for d in devs), lay.pp, layers=max(lay.stage_layers),
-                           gather_bytes=w.act_bytes)
+        hops = max(devs, key=lambda d: d.hops.inter).hops
+        dpt = cost.dp_time(params, engine, zero, dp, bw, hops, n_micro, 2 / 3 * min(times), min(times),
+                           min(d.comm_overlap for d in devs), lay.pp, layers=max(lay.stage_layers),
+                           gather_bytes=w.act_bytes, nodes=nodes)
         local = params / dp if (engine == "fsdp" or zero >= 1) else params
         opt = max(cost.optimizer_time(local, d) for d in devs)
         fixed = max(max(lay.stage_layers) * d.engine_step_cost(list(keys)) for d in devs)

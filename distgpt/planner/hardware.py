@@ -47,29 +47,31 @@ class DeviceType:
     """Attention kernels that do not store the T×T score matrix (FlashAttention via SDPA)."""
     runtime_overhead_bytes: float = 1.5 * GB
     """CUDA context, NCCL buffers, allocator slack not counted elsewhere."""
+    nvlink: bool = False
+    """Peers in a node talk over NVLink (NCCL's per-step latency is lower than over PCIe)."""
 
     def peak(self, dtype: str) -> float:
         """Peak dense FLOP/s in ``dtype`` ('bf16' or 'fp32')."""
         return self.bf16_flops if dtype == "bf16" else self.fp32_flops
 
 
-def _gpu(name, bf16, fp32, mem_gb, bw_tbs, link_gbs, eff=0.45, flash=True) -> DeviceType:
-    return DeviceType(name, bf16 * TB, fp32 * TB, mem_gb * GB, bw_tbs * TB, link_gbs * GB, eff, flash)
+def _gpu(name, bf16, fp32, mem_gb, bw_tbs, link_gbs, eff=0.45, flash=True, nvlink=False) -> DeviceType:
+    return DeviceType(name, bf16 * TB, fp32 * TB, mem_gb * GB, bw_tbs * TB, link_gbs * GB, eff, flash, nvlink=nvlink)
 
 
 CATALOG: dict[str, DeviceType] = {d.name: d for d in (
-    _gpu("H200", 989, 67, 141, 4.8, 900),
-    _gpu("H100-SXM", 989, 67, 80, 3.35, 900),
+    _gpu("H200", 989, 67, 141, 4.8, 900, nvlink=True),
+    _gpu("H100-SXM", 989, 67, 80, 3.35, 900, nvlink=True),
     _gpu("H100-PCIe", 756, 51, 80, 2.0, 128),
-    _gpu("A100-80GB", 312, 19.5, 80, 2.04, 600),
-    _gpu("A100-40GB", 312, 19.5, 40, 1.56, 600),
+    _gpu("A100-80GB", 312, 19.5, 80, 2.04, 600, nvlink=True),
+    _gpu("A100-40GB", 312, 19.5, 40, 1.56, 600, nvlink=True),
     _gpu("L40S", 362, 91.6, 48, 0.864, 64),
     _gpu("L4", 121, 30.3, 24, 0.3, 64),
     _gpu("A10G", 70, 31.2, 24, 0.6, 64),
-    _gpu("V100", 125, 15.7, 32, 0.9, 300, eff=0.40, flash=False),
+    _gpu("V100", 125, 15.7, 32, 0.9, 300, eff=0.40, flash=False, nvlink=True),
     _gpu("T4", 65, 8.1, 16, 0.32, 32, eff=0.35, flash=False),
     _gpu("RTX4090", 165.2, 82.6, 24, 1.008, 64),
-    _gpu("RTX3090", 71, 35.6, 24, 0.936, 112.5),
+    _gpu("RTX3090", 71, 35.6, 24, 0.936, 112.5, nvlink=True),
     # SDPA trains with its flash kernel on CPU too (measured: no T×T tensor kept for backward)
     DeviceType("cpu", 50e9, 50e9, 8 * GB, 10 * GB, 5 * GB, efficiency=0.5, flash_attention=True,
                runtime_overhead_bytes=0.4 * GB),

@@ -11,6 +11,7 @@ from distgpt.cli import main
 from distgpt.model.presets import layer_params, param_count, preset
 from distgpt.planner import cost
 from distgpt.planner.calibrate import DeviceProfile, device_models, load_measured, load_profile, save_profile
+from distgpt.planner.collectives import Hops, allreduce
 from distgpt.planner.cost import DeviceModel, Workload
 from distgpt.planner.evaluate import Evaluator, predict
 from distgpt.planner.explain import explain, nothing_fits
@@ -67,7 +68,7 @@ def test_fsdp_inside_pipeline_stages_holds_gathered_weights_and_gradients_by_han
     assert cost.state_bytes(n, "fsdp", 0, 8, pp=2) == 4e9 * (1 + 1 / 8) + 4e9 + 8e9 / 8
     assert cost.state_bytes(n, "fsdp", 0, 8, pp=1) == 2e9
     # and it gathers once per step, not once per micro-batch as FSDP2 without pipeline stages does
-    args = (n, "fsdp", 0, 8, 25e9, 1e-5, 16, 0.0, 0.0, 0.0)
+    args = (n, "fsdp", 0, 8, 25e9, Hops(0.0, 1e-5, 1e-5), 16, 0.0, 0.0, 0.0)
     assert cost.dp_time(*args, pp=2) < cost.dp_time(*args, pp=1) / 8
 
 
@@ -95,9 +96,10 @@ def test_the_search_considers_ddp_with_tp_and_fsdp_with_pipeline_stages():
         assert shape in shapes, shape
     assert all(c.plan.problems(model, None, 64) == [] for c in res.ranked)
     # the common shape wins where it should: nodes of 4 GPUs joined by a slow network (10 GB/s), a model whose
-    # states need sharding or splitting — data parallel across nodes, tensor parallel inside, DDP
+    # states need sharding or splitting, gradient accumulation (8 micro-batches a step, each of which FSDP2 would
+    # gather its weights for; DDP reduces once) — data parallel across nodes, tensor parallel inside, DDP
     slow = inv({"device": "A100-40GB", "count": 4, "replicas": 2, "network_gbps": 10})
-    best = search(w, slow).ranked[0].plan
+    best = search(replace(w, global_batch=256), slow).ranked[0].plan
     assert (best.dp_engine, best.dp > 1, best.tp > 1, best.pp) == ("ddp", True, True, 1), best.describe()
 
 
@@ -114,7 +116,7 @@ def test_layer_time_uses_flops_and_tp_communication():
     flops = 1024 * (6 * layer_params(GPT2) + 12 * 768 * 1024)
     assert cost.layer_time(w, dev, 1, 1, False) == pytest.approx(flops / 400e12)
     assert cost.layer_time(w, dev, 1, 1, True) == pytest.approx(flops * 4 / 3 / 400e12)
-    ar = cost.ring_allreduce(1024 * 768 * 2, 2, dev.link_bw, dev.latency)
+    ar = allreduce(1024 * 768 * 2, 2, 1, dev.link_bw, dev.hops)
     assert cost.layer_time(w, dev, 1, 2, False) == pytest.approx(flops / 2 / 400e12 + 4 * ar)
 
 
