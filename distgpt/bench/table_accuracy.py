@@ -2,8 +2,9 @@
 
 Prints, for the rows marked ``fit`` and ``held_out`` separately and per device type: mean / median / max |error| of
 the predicted step time, the rank agreement (Kendall tau over pairs of runs of the same model on the same device
-type), peak-memory error where the table has it, and how many of the runs would not fit in the device's memory as
-distgpt runs the same plan (its model keeps more per layer than some systems do: see ``planner/cost.py``).
+type; and over pairs of plans for the same job on the same GPUs, where the table has them), peak-memory error where
+the table has it, and how many of the runs would not fit in the device's memory as distgpt runs the same plan (its
+model keeps more per layer than some systems do: see ``planner/cost.py``).
 Then, for each held-out device type, the same after calibrating that type on its single smallest run.
 ``--fit`` refits the layer-time figures on the ``fit`` rows and prints them in the form ``planner/efficiency.py``
 keeps them.
@@ -21,10 +22,11 @@ from distgpt.planner.efficiency import FITTED
 def _line(label: str, scored: list[Scored]) -> str:
     s = summarize(scored)
     tau = "  n/a" if math.isnan(s.tau) else f"{s.tau:5.2f}"
+    job = "" if math.isnan(s.job_tau) else f" (same job {s.job_tau:4.2f})"
     mem = f"  memory {s.memory_mean:5.1%} ({s.memory_rows})" if s.memory_rows else ""
     oom = f"  too big as distgpt runs it: {s.predicted_oom}" if s.predicted_oom else ""
     return (f"  {label:<28} {s.rows:4d} runs  step time |error| mean {s.step_mean:5.1%}  median {s.step_median:5.1%}"
-            f"  max {s.step_max:5.1%}  tau {tau}{mem}{oom}")
+            f"  max {s.step_max:5.1%}  tau {tau}{job}{mem}{oom}")
 
 
 def _system(source: str) -> str:

@@ -82,6 +82,12 @@ class MeasuredRun:
         """Rows that train the same model (rank agreement compares their plans)."""
         return self.n_layer, self.n_embd, self.seq_len
 
+    @property
+    def job_key(self) -> tuple[int, ...]:
+        """Rows that are one job on one cluster — same model, batch and GPUs — run under different plans: the
+        choice a planner makes."""
+        return (*self.model_key, self.global_batch, self.gpus_per_node * self.nodes)
+
 
 def _parse(raw: str, typ: type, where: str):
     raw = raw.strip()
@@ -199,19 +205,23 @@ class Summary:
     step_median: float
     step_max: float
     tau: float
+    job_tau: float = math.nan
+    """Rank agreement over pairs of plans for the same job (``MeasuredRun.job_key``)."""
     memory_rows: int = 0
     memory_mean: float = 0.0
     predicted_oom: int = 0
     worst: list[Scored] = field(default_factory=list)
 
 
-def kendall_tau(scored: list[Scored]) -> float:
+def kendall_tau(scored: list[Scored], same_job: bool = False) -> float:
     """Rank agreement of predicted and measured throughput (tokens/s per GPU) over every pair of rows training the
-    same model (same shape and sequence length) on the same device type; 1: every pair ordered alike."""
+    same model (same shape and sequence length) on the same device type — or, ``same_job``, over pairs of plans for
+    the same job on the same GPUs; 1: every pair ordered alike."""
     conc = disc = 0
     for i, a in enumerate(scored):
         for b in scored[i + 1:]:
-            if a.run.model_key != b.run.model_key or a.run.device != b.run.device:
+            key = (lambda r: r.job_key) if same_job else (lambda r: r.model_key)
+            if key(a.run) != key(b.run) or a.run.device != b.run.device:
                 continue
             m = _per_gpu(a.run, a.run.step_time_s) - _per_gpu(b.run, b.run.step_time_s)
             p = _per_gpu(a.run, a.step_time_s) - _per_gpu(b.run, b.step_time_s)
@@ -230,6 +240,7 @@ def summarize(scored: list[Scored], worst: int = 3) -> Summary:
     errs = [abs(s.step_error) for s in scored]
     mem = [abs(e) for s in scored if (e := s.memory_error) is not None]
     return Summary(len(scored), statistics.fmean(errs), statistics.median(errs), max(errs), kendall_tau(scored),
+                   kendall_tau(scored, same_job=True),
                    len(mem), statistics.fmean(mem) if mem else 0.0, sum(not s.fits for s in scored),
                    sorted(scored, key=lambda s: -abs(s.step_error))[:worst])
 

@@ -248,8 +248,10 @@ def in_flight(schedule: str, stage: int, pp: int, n_micro: int) -> int:
     return n_micro if schedule == "gpipe" else min(pp - stage, n_micro)
 
 
-def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) -> float:
-    """Forward + backward time of one layer for one micro-batch, compute and TP communication."""
+def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool, *, tp_bw: float = 0.0,
+               tp_nodes: int = 1) -> float:
+    """Forward + backward time of one layer for one micro-batch, compute and TP communication (over the device's
+    link inside a node; ``tp_bw`` and ``tp_nodes`` where a tensor-parallel group spans nodes)."""
     tokens = b * w.seq_len
     m = w.model
     eff = dev.compute
@@ -264,7 +266,7 @@ def layer_time(w: Workload, dev: DeviceModel, b: int, tp: int, recompute: bool) 
         t = flops / dev.flops(w.dtype, tokens)
     if tp > 1:
         n_ar = 6 if recompute else 4
-        t += n_ar * allreduce(tokens * m.n_embd * w.act_bytes, tp, 1, dev.link_bw, dev.hops)
+        t += n_ar * allreduce(tokens * m.n_embd * w.act_bytes, tp, tp_nodes, tp_bw or dev.link_bw, dev.hops)
     return t
 
 

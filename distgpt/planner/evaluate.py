@@ -69,8 +69,12 @@ class Evaluator:
                    keys: tuple[str, ...] = ()) -> float:
         """One micro-batch through stage j: its layers, the head on the last stage, sends to the next stage, and
         the measured software cost of the parallel mechanisms in ``keys``."""
-        d = self.dev(stages[j])
-        per_layer = cost.layer_time(self.w, d, m, lay.tp, rc) + d.engine_cost(list(keys))[0]
+        d, g = self.dev(stages[j]), stages[j]
+        # a tensor-parallel group larger than a node talks over the network (the search never makes one; a user's
+        # Plan or a measured table may)
+        across = lay.tp > g.count
+        per_layer = cost.layer_time(self.w, d, m, lay.tp, rc, tp_bw=g.network_bw if across else 0.0,
+                                    tp_nodes=nodes_spanned(lay.tp, g.count)) + d.engine_cost(list(keys))[0]
         t = lay.stage_layers[j] * per_layer
         if j == lay.pp - 1:
             t += cost.head_time(self.w, d, m, lay.tp)
@@ -149,9 +153,14 @@ class Evaluator:
         devs = [self.dev(g) for g in groups]
         # inside one node the replicas reduce over NVLink / PCIe; across nodes over the slowest NIC
         bw = self.link(groups, dp * lay.tp * lay.pp) if dp > 1 else 1.0
-        # replicas share a node where tp × pp leaves room (model-parallel ranks are placed inside a node first)
-        nodes = nodes_spanned(dp, min(g.count for g in groups) // (lay.tp * lay.pp)) \
-            if self.crosses(groups, dp * lay.tp * lay.pp) else 1
+        # replicas share a node where tp × pp leaves room (model-parallel ranks are placed inside a node first);
+        # across nodes, each model-parallel rank of a node reduces with its own replicas at the same time as the
+        # others, over the same NICs: a node's tp × pp data-parallel groups share its network bandwidth
+        nodes = 1
+        if self.crosses(groups, dp * lay.tp * lay.pp):
+            per_node = min(g.count for g in groups)
+            nodes = nodes_spanned(dp, per_node // (lay.tp * lay.pp))
+            bw /= min(per_node, lay.tp * lay.pp)
         n_micro = max(max(u) for u in per)
         hops = max(devs, key=lambda d: d.hops.inter).hops
         dpt = cost.dp_time(params, engine, zero, dp, bw, hops, n_micro, 2 / 3 * min(times), min(times),

@@ -11,7 +11,8 @@ which is what mixed precision uses there. Sources:
   L4            — NVIDIA L4 datasheet (2023): 121 TF bf16, 30.3 TF fp32, 24 GB, 300 GB/s, PCIe Gen4 64 GB/s
   A10G          — not published by NVIDIA; AWS EC2 G5 documentation and the A10 datasheet (GA102, 24 GB, 600 GB/s):
                   ~70 TF bf16 dense, 31.2 TF fp32
-  V100 SXM2     — NVIDIA V100 datasheet (2020): 125 TF fp16 tensor, 15.7 TF fp32, 32 GB, 900 GB/s, NVLink 300 GB/s
+  V100 SXM2     — NVIDIA V100 datasheet (2020): 125 TF fp16 tensor, 15.7 TF fp32, 32 GB (V100-16GB: 16 GB), 900 GB/s,
+                  NVLink 300 GB/s
   T4            — NVIDIA T4 datasheet (2019): 65 TF fp16 tensor, 8.1 TF fp32, 16 GB, 320 GB/s, PCIe Gen3 32 GB/s
   RTX 4090      — NVIDIA Ada Lovelace architecture whitepaper (2022): 165.2 TF bf16 (fp32 accumulate), 82.6 TF fp32,
                   24 GB, 1008 GB/s, PCIe Gen4 64 GB/s, no NVLink
@@ -69,6 +70,7 @@ CATALOG: dict[str, DeviceType] = {d.name: d for d in (
     _gpu("L4", 121, 30.3, 24, 0.3, 64),
     _gpu("A10G", 70, 31.2, 24, 0.6, 64),
     _gpu("V100", 125, 15.7, 32, 0.9, 300, eff=0.40, flash=False, nvlink=True),
+    _gpu("V100-16GB", 125, 15.7, 16, 0.9, 300, eff=0.40, flash=False, nvlink=True),
     _gpu("T4", 65, 8.1, 16, 0.32, 32, eff=0.35, flash=False),
     _gpu("RTX4090", 165.2, 82.6, 24, 1.008, 64),
     _gpu("RTX3090", 71, 35.6, 24, 0.936, 112.5, nvlink=True),
@@ -81,7 +83,8 @@ CATALOG: dict[str, DeviceType] = {d.name: d for d in (
 ALIASES = {
     "H100": "H100-SXM", "H100-80GB": "H100-SXM", "H100-SXM5": "H100-SXM", "A100": "A100-80GB",
     "A100-SXM4-80GB": "A100-80GB", "A100-SXM4-40GB": "A100-40GB", "A100-40G": "A100-40GB", "A100-80G": "A100-80GB",
-    "V100-SXM2": "V100", "TESLA-V100": "V100", "TESLA-T4": "T4", "NVIDIA-L4": "L4", "RTX-4090": "RTX4090",
+    "V100-SXM2": "V100", "TESLA-V100": "V100", "V100-SXM2-16GB": "V100-16GB",
+    "TESLA-T4": "T4", "NVIDIA-L4": "L4", "RTX-4090": "RTX4090",
     "RTX-3090": "RTX3090", "CPU": "cpu",
 }
 
@@ -104,7 +107,8 @@ def cuda_device_type(name: str, total_memory: float = 0.0) -> str:
     n = name.upper().replace("NVIDIA", "").replace("GEFORCE", "").replace("TESLA", "").strip()
     rules = (("H200", "H200"), ("H100", "H100-PCIe" if "PCIE" in n or "NVL" in n else "H100-SXM"),
              ("A100", "A100-80GB" if total_memory > 60e9 or "80G" in n else "A100-40GB"), ("L40S", "L40S"),
-             ("A10G", "A10G"), ("V100", "V100"), ("4090", "RTX4090"), ("3090", "RTX3090"))
+             ("A10G", "A10G"), ("V100", "V100-16GB" if 0 < total_memory < 20e9 or "16G" in n else "V100"),
+             ("4090", "RTX4090"), ("3090", "RTX3090"))
     for token, catalog in rules:
         if token in n:
             return catalog
