@@ -29,12 +29,6 @@ def _line(label: str, scored: list[Scored]) -> str:
             f"  max {s.step_max:5.1%}  tau {tau}{job}{mem}{oom}")
 
 
-def _system(source: str) -> str:
-    """The repository (owner/name) a source URL points into, else the source itself."""
-    parts = source.split("/")
-    return "/".join(parts[3:5]) if source.startswith("https://github.com/") and len(parts) > 4 else source[:40]
-
-
 def report(runs: list[MeasuredRun]) -> None:
     """Print the accuracy of the catalog's figures on ``runs``."""
     scored = [score_run(r) for r in runs]
@@ -54,7 +48,7 @@ def report(runs: list[MeasuredRun]) -> None:
     held = by_split.get("held_out", [])
     systems: dict[str, list[Scored]] = collections.defaultdict(list)
     for s in held:
-        systems[_system(s.run.source)].append(s)
+        systems[s.run.measured_by].append(s)
     if len(systems) > 1:
         print("held out, by the system that measured them (the figures were fitted to one PyTorch FSDP system):")
         for name, rows in sorted(systems.items(), key=lambda kv: -len(kv[1])):

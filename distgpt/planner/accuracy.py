@@ -18,6 +18,8 @@ benchmarks; every row names its source). Columns:
                                             runtime overhead — CUDA context, NCCL buffers, allocator cache)
   tie_embeddings                            optional: false where the output layer has its own weights (default
                                             true, as GPT-2 and MPT tie them)
+  system                                    optional: what ran it, where one source measured several systems
+                                            (default: the source's repository)
 """
 
 from __future__ import annotations
@@ -76,11 +78,22 @@ class MeasuredRun:
     peak_memory_gib: float | None = None
     memory_measure: str = "device"
     tie_embeddings: bool = True
+    system: str = ""
 
     @property
     def model_key(self) -> tuple[int, int, int]:
         """Rows that train the same model (rank agreement compares their plans)."""
         return self.n_layer, self.n_embd, self.seq_len
+
+    @property
+    def measured_by(self) -> str:
+        """The system the row names, else the repository (owner/name) its source URL points into, else the
+        source."""
+        if self.system:
+            return self.system
+        parts = self.source.split("/")
+        github = self.source.startswith("https://github.com/") and len(parts) > 4
+        return "/".join(parts[3:5]) if github else self.source[:40]
 
     @property
     def job_key(self) -> tuple[int, ...]:
@@ -108,7 +121,7 @@ def load_table(path: str | Path) -> list[MeasuredRun]:
         raise TableError(f"{p}: no such table (a CSV of measured runs; see distgpt/planner/accuracy.py for columns)")
     cols = {f.name: f for f in fields(MeasuredRun)}
     types = {"int": int, "float": float, "bool": bool, "str": str, "float | None": float}
-    optional = {"peak_memory_gib": None, "memory_measure": "device", "tie_embeddings": True}
+    optional = {"peak_memory_gib": None, "memory_measure": "device", "tie_embeddings": True, "system": ""}
     with p.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in cols if c not in optional and c not in (reader.fieldnames or [])]
@@ -215,13 +228,13 @@ class Summary:
 
 def kendall_tau(scored: list[Scored], same_job: bool = False) -> float:
     """Rank agreement of predicted and measured throughput (tokens/s per GPU) over every pair of rows training the
-    same model (same shape and sequence length) on the same device type — or, ``same_job``, over pairs of plans for
-    the same job on the same GPUs; 1: every pair ordered alike."""
+    same model (same shape and sequence length) on the same device type, measured by the same system — or,
+    ``same_job``, over pairs of plans for the same job on the same GPUs; 1: every pair ordered alike."""
     conc = disc = 0
     for i, a in enumerate(scored):
         for b in scored[i + 1:]:
             key = (lambda r: r.job_key) if same_job else (lambda r: r.model_key)
-            if key(a.run) != key(b.run) or a.run.device != b.run.device:
+            if key(a.run) != key(b.run) or (a.run.device, a.run.measured_by) != (b.run.device, b.run.measured_by):
                 continue
             m = _per_gpu(a.run, a.run.step_time_s) - _per_gpu(b.run, b.run.step_time_s)
             p = _per_gpu(a.run, a.step_time_s) - _per_gpu(b.run, b.step_time_s)
