@@ -157,28 +157,30 @@ def _meta(trainer) -> dict:
     return {"loader": trainer.loader.state_dict(), "plan_describe": ""}
 
 
-def async_stall(trainer, mgr: CheckpointManager, step: int,
-                server: _MotoProcess | None) -> tuple[float, float, float]:
+def async_stall(trainer, mgr: CheckpointManager, step: int, server: _MotoProcess | None,
+                sync=lambda: None) -> tuple[float, float, float]:
     """(training time lost to an asynchronous save, the time training waited on it, the server's CPU-seconds).
 
     Lost time: the steps taken from the save call until the upload ends, against as many plain steps taken right
     after — a reference measured in the same moment, as this machine's speed drifts. It includes everything the
     save costs training here: the call, waiting for the snapshot, and sharing cores (and with a thread upload, the
-    GIL) with serialisation, hashing and the upload."""
+    GIL) with serialisation, hashing and the upload. ``sync`` waits for the device (a GPU runs ahead of Python)."""
     mgr.save_async(step - 1, trainer.engine, _meta(trainer))  # warm-up: a save process starts once per run
     mgr.wait()
     cpu0 = server.cpu_seconds() if server else 0.0
+    sync()
     t0 = time.perf_counter()
     mgr.save_async(step, trainer.engine, _meta(trainer))
     n = 0
     while n == 0 or not mgr.pending.future.done():  # training continues while the upload runs
         trainer.train_step()
+        sync()
         n += 1
     during = time.perf_counter() - t0
     waited = mgr.pending.blocked
     cpu = (server.cpu_seconds() if server else 0.0) - cpu0
     mgr.wait()
-    plain = _timed(lambda: [trainer.train_step() for _ in range(n)])
+    plain = _timed(lambda: [(trainer.train_step(), sync()) for _ in range(n)])
     return max(0.0, during - plain), waited, cpu
 
 

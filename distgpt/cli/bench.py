@@ -51,6 +51,19 @@ def accuracy(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_accuracy(args.job, overrides, args.profile, args.steps, args.plans)
 
 
+def gpu(args: argparse.Namespace, overrides: list[str]) -> int:
+    """GPU readiness: nccl parity, MFU of gpt2-124m / 350m, the checkpoint stall — one table."""
+    from distgpt.bench.gpu_check import run
+
+    return run(args.steps, args.smoke)
+
+
+def _gpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=30, help="timed steps per MFU measurement (default 30)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny models on this machine's CPU: checks the command, not the hardware")
+
+
 def launcher(args: argparse.Namespace, overrides: list[str]) -> int:
     """distgpt train on the embedded Ray cluster vs in this process, end to end."""
     from distgpt.bench.launcher_bench import run
@@ -243,6 +256,8 @@ COMMANDS = [
             _sft_args),
     Command(("bench", "generate"), "inference: eager vs compiled vs int8 decode; server tokens/s and TTFT under load",
             generate, _generate_args),
+    Command(("bench", "gpu"), "GPU readiness: nccl parity (DDP, FSDP2, TP), MFU of gpt2-124m/350m, checkpoint stall",
+            gpu, _gpu_args),
     Command(("bench", "planner"), "planning time for 1,024 and 16,384 devices of 4 types", planner),
     Command(("bench", "plan-accuracy"), "predicted vs measured: the planner's plans run here, or a table of runs",
             accuracy,
