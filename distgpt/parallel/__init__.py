@@ -1,7 +1,7 @@
 """``parallelize(model, plan, mesh)`` — the one entry point that turns a plain GPT into a training engine.
 
-Order (as torchtitan): pipeline split → tensor parallel → activation recomputation → data parallel → optimizer →
-pipeline stages and schedule. What composes (anything else is rejected by ``Plan.validate``):
+Order (as torchtitan): pipeline split → tensor parallel → activation recomputation → compilation (per block) → data
+parallel → optimizer → pipeline stages and schedule. What composes (anything else is rejected by ``Plan.validate``):
 
     dp engine  | + tp | + pp | + tp + pp | uneven batch shares
     ddp        | yes  | yes  |   yes    | yes
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from distgpt.model.gpt import GPT
+from distgpt.parallel.compile import apply_compile
 from distgpt.parallel.dp import DeepSpeedEngine, apply_ddp, apply_fsdp, apply_replicate, deepspeed_config
 from distgpt.parallel.engine import Engine, LocalEngine, Objective
 from distgpt.parallel.materialize import Init, WeightSource, is_meta, materialize, materialize_partitioned
@@ -48,6 +49,8 @@ def _prepare_module(model: GPT, mesh: ParallelMesh) -> GPT:
         apply_tp(model, mesh.submesh("tp"))
     if plan.recompute:
         apply_recompute(model)
+    if plan.compile:
+        apply_compile(model)
     return model
 
 

@@ -50,6 +50,9 @@ CASES = {
     "dp2xtp2-ddp": (4, ["--plan.dp=2", "--plan.tp=2", "--plan.dp_engine='ddp'"]),
     "dp2xpp2-fsdp": (4, ["--plan.dp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"]),
     "dp2xtp2xpp2-fsdp": (8, ["--plan.dp=2", "--plan.tp=2", "--plan.pp=2", "--plan.dp_engine='fsdp'"]),
+    # compiled blocks (torch.compile, regional) under FSDP2 hooks and under DTensor TP
+    "dp2-fsdp-compiled": (2, ["--plan.dp=2", "--plan.dp_engine='fsdp'", "--plan.compile=true"]),
+    "tp2-compiled": (2, ["--plan.tp=2", "--plan.compile=true"]),
 }
 
 

@@ -45,6 +45,8 @@ CASES = [
      r"needs dp×tp×pp = 2×1×1 = 2 processes, but 1 is running — run it under torchrun"),
     ("job plan world ≠ processes", {}, ["train", TINY, "--plan.dp=2", "--data.prepared={tmp}/data"], 2,
      r"the job's \[plan\]:\n.*2 processes"),
+    ("compile with pipeline stages", {}, ["train", TINY, "--plan.pp=2", "--plan.compile=true"], 2,
+     r"plan\.compile: with pipeline stages it is not supported yet — set plan\.compile=false"),
     ("inventory is a list", {"inv.yaml": "- a\n- b\n"}, ["plan", TINY, "--inventory", "{tmp}/inv.yaml"], 2,
      r"inv\.yaml: expected a table .* got a list"),
     ("inventory provider a string", {"inv.yaml": "provider: aws\n"}, ["plan", TINY, "--inventory", "{tmp}/inv.yaml"],
