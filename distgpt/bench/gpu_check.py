@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,14 +45,10 @@ class Row:
     """Whether the goal is met; None where there is no goal or the check did not run."""
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(nproc: int, overrides: list[str], out: str) -> list[float]:
     """Per-step losses of ``distgpt train`` under torchrun with ``nproc`` ranks."""
+    from distgpt.bench.parallel_bench import _port
+
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={_port()}", "-m", "distgpt.cli", "train", TINY, *PARITY_COMMON, *overrides,
            f"--run.out_dir={out}"]
@@ -179,6 +174,10 @@ def run(steps: int, smoke: bool) -> int:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not Path(TINY).is_file():
+        print(f"distgpt bench gpu: {TINY} is missing — run it from a distgpt checkout (it trains jobs/tiny.toml)",
+              file=sys.stderr)
+        return 2
     if not gpus and not smoke:
         print("distgpt bench gpu: no CUDA GPU is visible here (torch.cuda.is_available() is False) — run it on a GPU "
               "machine; `--smoke` runs the same checks with tiny models on this machine's CPU", file=sys.stderr)
