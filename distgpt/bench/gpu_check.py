@@ -17,7 +17,6 @@ not the hardware, and is what the test suite runs.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ class Row:
 def _losses(nproc: int, overrides: list[str], out: str) -> list[float]:
     """Per-step losses of ``distgpt train`` under torchrun with ``nproc`` ranks."""
     from distgpt.bench.parallel_bench import _port
+    from distgpt.train.metrics import read_records
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={_port()}", "-m", "distgpt.cli", "train", TINY, *PARITY_COMMON, *overrides,
@@ -55,8 +55,7 @@ def _losses(nproc: int, overrides: list[str], out: str) -> list[float]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1])
-    recs = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if r.get("kind") is None and "loss" in r]
+    return [r["loss"] for r in read_records(out) if r.get("kind") is None and "loss" in r]
 
 
 def parity_rows(gpus: int, data: str, tmp: str, cases: dict[str, list[str]] = PARITY) -> list[Row]:

@@ -231,9 +231,9 @@ def kendall_tau(scored: list[Scored], same_job: bool = False) -> float:
     same model (same shape and sequence length) on the same device type, measured by the same system — or,
     ``same_job``, over pairs of plans for the same job on the same GPUs; 1: every pair ordered alike."""
     conc = disc = 0
+    key = (lambda r: r.job_key) if same_job else (lambda r: r.model_key)
     for i, a in enumerate(scored):
         for b in scored[i + 1:]:
-            key = (lambda r: r.job_key) if same_job else (lambda r: r.model_key)
             if key(a.run) != key(b.run) or (a.run.device, a.run.measured_by) != (b.run.device, b.run.measured_by):
                 continue
             m = _per_gpu(a.run, a.run.step_time_s) - _per_gpu(b.run, b.run.step_time_s)
