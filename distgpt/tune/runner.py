@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ray import tune
@@ -72,7 +73,14 @@ class TuneOptions:
     a tune with): no early stopping, no model-guided choice, ``trials`` ignored."""
 
 
-def tune_job(job: JobConfig, o: TuneOptions, log=print) -> report.TuneReport:
+def say(line: str) -> None:
+    """The tune's default log: a line to stdout. A function of this module, not the builtin ``print``, because the
+    log rides in Tune's pickled callbacks, and Ray replaces ``builtins.print`` in a driver that receives a worker's
+    ``tqdm_ray`` bar — the builtin then no longer pickles ("not the same object as builtins.print")."""
+    print(line, flush=True)
+
+
+def tune_job(job: JobConfig, o: TuneOptions, log: Callable[[str], None] = say) -> report.TuneReport:
     """Run the tune to its end (or to Ctrl-C, or to ``ray job stop`` of the job it runs in); write OUT; return the
     report."""
     watch = JobWatch.here()  # taken first: the sooner, the less can have ended unseen

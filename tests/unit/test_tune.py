@@ -263,3 +263,22 @@ def test_a_tune_whose_ray_job_was_already_stopped_does_not_start(monkeypatch, ca
     monkeypatch.setattr("distgpt.tune.runner.connect", no_connect)
     assert main(["tune", str(REPO / "jobs" / "tiny.toml"), "--out", "/nonexistent/never-written"]) == 1
     assert "the Ray job running this driver was stopped" in capsys.readouterr().err
+
+
+def test_the_tune_callbacks_pickle_after_ray_replaces_print(monkeypatch):
+    """Ray swaps ``builtins.print`` in a driver that receives a worker's tqdm_ray bar; Tune then pickles the tune's
+    callbacks with the log they hold. With the builtin as the default log that failed ("Can't pickle <built-in
+    function print>: it's not the same object as builtins.print", seen in the Ctrl-C test); the default log is a
+    function of distgpt's, pickled by reference, and still prints."""
+    import builtins
+    import inspect
+
+    import ray.cloudpickle as cloudpickle
+
+    from distgpt.tune.report import Progress
+    from distgpt.tune.runner import StopWithTheJob, tune_job
+
+    log = inspect.signature(tune_job).parameters["log"].default
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)  # what tqdm_ray's safe_print install does
+    for callback in (Progress([], 1, log), StopWithTheJob(log)):
+        assert cloudpickle.loads(cloudpickle.dumps(callback)).log is log
