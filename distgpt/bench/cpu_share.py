@@ -87,18 +87,32 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def find_trainer(proc: subprocess.Popen, ray: bool) -> int | None:
-    """The process that trains: the command itself, or (on Ray) its descendant named ``ray::TrainWorker``."""
-    if not ray:
-        return proc.pid
+def rank_processes(proc: subprocess.Popen) -> list[int]:
+    """On Ray: the rank — its ``ray::TrainWorker`` actor and the process that trains, the actor's child
+    (``orchestrator/rank_process.py``) — once both run; [] before."""
     for p in descendants(proc.pid):
         try:
             with open(f"/proc/{p}/cmdline") as f:
-                if f.read().startswith("ray::TrainWorker"):
-                    return p
+                if not f.read().startswith("ray::TrainWorker"):
+                    continue
         except OSError:
             continue
-    return None
+        for c in descendants(p):
+            try:
+                with open(f"/proc/{c}/cmdline") as f:
+                    if "distgpt.orchestrator.rank_process" in f.read():
+                        return [p, c]
+            except OSError:
+                continue
+    return []
+
+
+def find_trainer(proc: subprocess.Popen, ray: bool) -> int | None:
+    """The process that trains: the command itself, or (on Ray) the rank's process under its ``ray::TrainWorker``."""
+    if not ray:
+        return proc.pid
+    rank = rank_processes(proc)
+    return rank[-1] if rank else None
 
 
 def _runs_for(proc: subprocess.Popen, seconds: float) -> bool:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from distgpt.bench.cpu_share import descendants, find_trainer
+from distgpt.bench.cpu_share import descendants, rank_processes
 from distgpt.bench.launcher_bench import DEFAULT
 from distgpt.train.metrics import read_records
 
@@ -59,19 +59,20 @@ def _gone(pids: list[int], wait_s: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def _alternate(trainers: dict[str, int], window_s: float, windows: int) -> dict[str, list[tuple[float, float]]]:
-    """Give the machine to each trainer in turn; return each one's windows (start after settling, end)."""
+def _alternate(trainers: dict[str, list[int]], window_s: float, windows: int) -> dict[str, list[tuple[float, float]]]:
+    """Give the machine to each trainer in turn (on Ray: the rank's actor and its training process); return each
+    one's windows (start after settling, end)."""
     spans: dict[str, list[tuple[float, float]]] = {"ray": [], "local": []}
     try:
         for i in range(windows):
             on, off = ("ray", "local") if i % 2 == 0 else ("local", "ray")
-            _signal([trainers[off]], signal.SIGSTOP)
-            _signal([trainers[on]], signal.SIGCONT)
+            _signal(trainers[off], signal.SIGSTOP)
+            _signal(trainers[on], signal.SIGCONT)
             t0 = time.time()
             time.sleep(window_s)
             spans[on].append((t0 + SETTLE_S, time.time()))
     finally:
-        _signal(list(trainers.values()), signal.SIGCONT)
+        _signal([p for pids in trainers.values() for p in pids], signal.SIGCONT)
     return spans
 
 
@@ -88,15 +89,15 @@ def run_interleaved(job: str, overrides: list[str], window_s: float, windows: in
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         everything = [local_p.pid, ray_p.pid]
         try:
-            rank = None
-            while rank is None and ray_p.poll() is None and local_p.poll() is None:
+            rank: list[int] = []
+            while not rank and ray_p.poll() is None and local_p.poll() is None:
                 time.sleep(0.5)
-                rank = find_trainer(ray_p, True)
-            if rank is None:
+                rank = rank_processes(ray_p)
+            if not rank:
                 raise RuntimeError("a launcher ended before training — run each alone to see why")
             everything += descendants(ray_p.pid)  # the embedded cluster's processes go with the run
             time.sleep(15)  # both past their start-up
-            spans = _alternate({"ray": rank, "local": local_p.pid}, window_s, windows)
+            spans = _alternate({"ray": rank, "local": [local_p.pid]}, window_s, windows)
         finally:
             everything += descendants(ray_p.pid)
             _signal(everything, signal.SIGKILL)

@@ -109,6 +109,9 @@ class RankDrills:
                     os.kill(node_daemon_pid(), signal.SIGKILL)  # the node's processes, this one too, go with it
                 time.sleep(3600.0)
 
+    def after_step(self, step: int) -> None:
+        """Nothing to do: drills fire before a step."""
+
     def checkpoint_due(self, step: int) -> bool:
         """Every rank is told the same step, so all of them join the collective save at once."""
         return step == self.checkpoint_step or any(f.kind == "preempt" and f.step == step for f in self.faults)
@@ -135,14 +138,21 @@ def away_from(faults: list[Fault], nodes: dict[int, str], keep: str) -> list[Fau
 
 
 def node_daemon_pid() -> int:
-    """The pid of this worker's node daemon (Ray's raylet, which started the worker process); raises if the parent
-    is not one — killing anything else would not remove a node."""
-    parent = os.getppid()
-    try:
-        name = open(f"/proc/{parent}/comm").read().strip()  # noqa: SIM115 (one read of a proc file)
-    except OSError:
-        name = "?"
-    if name != "raylet":
-        raise RuntimeError(f"injected fault 'remove': this worker's parent (pid {parent}, {name!r}) is not a Ray "
-                           "raylet, so there is no node to take down (remove needs Ray workers on Linux)")
-    return parent
+    """The pid of this worker's node daemon (Ray's raylet, which started the worker process — the rank's process is
+    the worker's child, so it is a parent or grandparent); raises if there is none — killing anything else would not
+    remove a node."""
+    pid, names = os.getppid(), []
+    for _ in range(3):
+        try:
+            name = open(f"/proc/{pid}/comm").read().strip()  # noqa: SIM115 (one read of a proc file)
+            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])  # noqa: SIM115
+        except (OSError, ValueError, IndexError):
+            name, parent = "?", 0
+        if name == "raylet":
+            return pid
+        names.append(f"pid {pid}, {name!r}")
+        if parent <= 1:
+            break
+        pid = parent
+    raise RuntimeError(f"injected fault 'remove': no Ray raylet above this worker ({'; '.join(names)}), so there is "
+                       "no node to take down (remove needs Ray workers on Linux)")

@@ -93,6 +93,9 @@ class ModeSwitch:
     def checkpoint_due(self, step: int) -> bool:
         return False
 
+    def after_step(self, step: int) -> None:
+        pass
+
 
 def _act_save(job: JobConfig, proxy: FaultProxy, fault: str, log) -> Act:
     from distgpt.train.trainer import Trainer

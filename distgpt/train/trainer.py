@@ -64,6 +64,9 @@ class StepHooks(Protocol):
         """True to save a checkpoint after ``step`` besides the interval (every rank must answer alike)."""
         return False
 
+    def after_step(self, step: int) -> None:
+        """Called as soon as step ``step`` is done (before its metrics and any checkpoint): progress reports."""
+
 
 class BatchSource(Protocol):
     """Where a step's rows come from when not from a prepared dataset: an RL run's rollouts
@@ -264,6 +267,8 @@ class Trainer:
         if self.hooks is not None:
             self.hooks.before_step(self.step)
         loss, norm = self.train_step()
+        if self.hooks is not None:
+            self.hooks.after_step(self.step)
         self._pending.append(loss)
         result.step_times.append(time.perf_counter() - t0)
         if self.source is not None:  # weight sync and evaluation of an RL run: after the step, outside its time
