@@ -73,15 +73,18 @@ def _machine_busy_ticks() -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """``pid``'s children, grandchildren, … (an embedded Ray cluster's rank actors are the driver's grandchildren)."""
+    """``pid``'s children, grandchildren, … (an embedded Ray cluster's rank actors are the driver's grandchildren).
+    Every thread's children: a rank's process is started by one of its actor's threads, not the main one."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        kids = []
         try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(k) for k in f.read().split()]
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
         except OSError:
-            kids = []
+            pass
         out += kids
         todo += kids
     return out

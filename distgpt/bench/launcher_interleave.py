@@ -90,11 +90,13 @@ def run_interleaved(job: str, overrides: list[str], window_s: float, windows: in
         everything = [local_p.pid, ray_p.pid]
         try:
             rank: list[int] = []
-            while not rank and ray_p.poll() is None and local_p.poll() is None:
+            deadline = time.monotonic() + 180
+            while not rank and ray_p.poll() is None and local_p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.5)
                 rank = rank_processes(ray_p)
             if not rank:
-                raise RuntimeError("a launcher ended before training — run each alone to see why")
+                raise RuntimeError("no Ray rank process to time (a launcher ended before training, or the rank's "
+                                   "process was not found in 3 minutes) — run each alone to see why")
             everything += descendants(ray_p.pid)  # the embedded cluster's processes go with the run
             time.sleep(15)  # both past their start-up
             spans = _alternate({"ray": rank, "local": [local_p.pid]}, window_s, windows)

@@ -42,6 +42,18 @@ def test_a_command_that_ends_first_has_no_share_and_descendants_are_found():
     finally:
         tree.kill()
         tree.wait()
+    # a child started by a thread other than the main one (how a rank actor starts its training process)
+    code = ("import subprocess, threading, time\n"
+            "threading.Thread(target=lambda: time.sleep(30) or 0, daemon=True).start()\n"
+            "t = threading.Thread(target=lambda: time.sleep(0.1) or subprocess.Popen(['sleep', '5']).wait())\n"
+            "t.start(); t.join()")
+    threaded = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(1.0)
+        assert any(open(f"/proc/{k}/cmdline").read().startswith("sleep") for k in descendants(threaded.pid))
+    finally:
+        threaded.kill()
+        threaded.wait()
 
 
 def test_wakeups_and_preemptions_are_counted_per_thread():
