@@ -70,18 +70,18 @@ class RankProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "distgpt.orchestrator.rank_process", str(up_w), str(down_r), str(os.getpid())],
                 pass_fds=(up_w, down_r), env=env, close_fds=True)
-        except OSError as e:
-            for fd in (up_r, down_w):
-                os.close(fd)
-            self.on_message("error", f"could not start the rank's process: {e}")
-            self._started.set()
-            return
+            self._to_child = Connection(down_w)
+            self.send("start", (job, plan, threads))
+        except OSError as e:  # no process, or one that died before reading its job: a training error to report
+            self.on_message("error", f"could not start the rank's process: {type(e).__name__}: {e}")
+            if self.proc is None:
+                os.close(up_r)
+                os.close(down_w)
+                return
         finally:
             os.close(up_w)
             os.close(down_r)
-        self._to_child = Connection(down_w)
-        self.send("start", (job, plan, threads))
-        self._started.set()
+            self._started.set()  # start() must return whatever happened: the controller polls for the outcome
         self._relay(Connection(up_r))
 
     def _relay(self, up: Connection) -> None:

@@ -105,3 +105,13 @@ def test_a_rank_process_killed_by_a_signal_takes_its_actor_with_it(tiny_data, tm
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, out + err[-2000:]
     assert "ACTOR SURVIVED" not in out
+
+
+def test_a_rank_process_that_cannot_start_is_a_reported_error_not_a_hang(monkeypatch):
+    """``start`` returns whatever happens (the controller polls for the outcome); the error says what failed."""
+    from distgpt.orchestrator.rank_process import RankProcess
+
+    got: list[tuple[str, object]] = []
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    RankProcess(lambda kind, payload: got.append((kind, payload))).start(None, None, 1)
+    assert got and got[0][0] == "error" and "could not start the rank's process" in str(got[0][1]), got
