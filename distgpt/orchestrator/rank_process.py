@@ -52,10 +52,15 @@ class RankProcess:
         self._started.wait()
 
     def send(self, kind: str, payload: Any) -> None:
-        """A drill request for the child (``arm``, ``checkpoint_at``)."""
+        """A drill request for the child (``arm``, ``checkpoint_at``); dropped once the child is gone (its end is
+        what the relay reports)."""
         with self._lock:
-            if self._to_child is not None:
+            if self._to_child is None:
+                return
+            try:
                 self._to_child.send((kind, payload))
+            except (BrokenPipeError, ConnectionResetError):
+                self._to_child = None
 
     def pid(self) -> int | None:
         """The rank process's pid (None before it starts)."""
@@ -71,7 +76,7 @@ class RankProcess:
                 [sys.executable, "-m", "distgpt.orchestrator.rank_process", str(up_w), str(down_r), str(os.getpid())],
                 pass_fds=(up_w, down_r), env=env, close_fds=True)
             self._to_child = Connection(down_w)
-            self.send("start", (job, plan, threads))
+            self._to_child.send(("start", (job, plan, threads)))  # a broken pipe here: the child died at once
         except OSError as e:  # no process, or one that died before reading its job: a training error to report
             self.on_message("error", f"could not start the rank's process: {type(e).__name__}: {e}")
             if self.proc is None:

@@ -115,3 +115,23 @@ def test_a_rank_process_that_cannot_start_is_a_reported_error_not_a_hang(monkeyp
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     RankProcess(lambda kind, payload: got.append((kind, payload))).start(None, None, 1)
     assert got and got[0][0] == "error" and "could not start the rank's process" in str(got[0][1]), got
+
+
+def test_a_training_error_is_reported_and_drill_requests_after_the_end_are_dropped():
+    """The child reports the trainer's exception and exits; a drill request that comes after (a preemption notice
+    to a rank that just failed) is dropped, not an error in the controller's RPC. (The narrower race — a request
+    between the child's exit and the relay seeing it, a broken pipe — is handled in ``send`` but not forced here.)"""
+    from distgpt.orchestrator.rank_process import RankProcess
+
+    got: list[tuple[str, object]] = []
+    rp = RankProcess(lambda kind, payload: got.append((kind, payload)))
+    rp.start(None, None, 1)  # no job: the Trainer raises at once
+    assert rp.proc is not None
+    rp.proc.wait(timeout=120)
+    deadline = time.monotonic() + 10
+    while not any(k == "error" for k, _ in got) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    errors = [str(p) for k, p in got if k == "error"]
+    assert errors and "AttributeError" in errors[0], got
+    rp.send("arm", [])
+    rp.send("checkpoint_at", 3)
