@@ -125,17 +125,43 @@ class _Uplink:
             self.conn.send((kind, payload))
 
 
-class _Sink:
-    """Metric records go to the actor (and from there to the controller) instead of a local file."""
+class RecordSink:
+    """Metric records, stamped with the time the rank wrote them, handed to ``put`` (on their way to the controller)
+    instead of a local file."""
 
-    def __init__(self, up: _Uplink):
-        self.up = up
+    def __init__(self, put: Callable[[dict[str, Any]], None]):
+        self.put = put
 
     def write(self, record: dict[str, Any]) -> None:
-        self.up("record", {"time": time.time(), **record})
+        self.put({"time": time.time(), **record})
 
     def close(self) -> None:
         pass
+
+
+def train_rank(job: Any, plan: Any, log: Callable[[str], None], put_record: Callable[[dict[str, Any]], None],
+               hooks: Any, source: Any = None, running: Callable[[Any], None] | None = None) -> Any:
+    """One rank's training, wherever it runs (the child process here, or an RL learner's actor thread): build the
+    ``Trainer``, send again the records the lost attempt may not have delivered (the controller dedups), tell
+    ``running``, fit, leave the process group; the ``RunResult``."""
+    from distgpt.orchestrator.status import RunResult
+    from distgpt.parallel.mesh import shutdown_distributed
+    from distgpt.train.trainer import Trainer
+
+    sink = RecordSink(put_record)
+    trainer = Trainer(job, log=log, plan=plan, sink=sink, hooks=hooks, source=source)
+    for rec in trainer.replay:
+        sink.write({**rec, "replayed": True})
+    if running is not None:
+        running(trainer)
+    res = trainer.fit()
+    shutdown_distributed()
+    return RunResult(res.steps, res.tokens_per_s, res.final_dir, res.loop_time, tuple(res.step_times))
+
+
+def failure_text(e: BaseException) -> str:
+    """A rank's exception as the controller reports it."""
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
 
 
 class _Hooks:
@@ -183,31 +209,26 @@ def child_main(up_fd: int, down_fd: int, parent: int) -> int:
     kind, (job, plan, threads) = down.recv()
     assert kind == "start", kind
     from distgpt.orchestrator.drills import RankDrills
-    from distgpt.orchestrator.status import RunResult
 
     drills = RankDrills(int(os.environ.get("RANK", "0")), lambda line: up("log", line))
     threading.Thread(target=_listen, args=(down, drills), daemon=True).start()
+
+    def running(trainer: Any) -> None:
+        up("step", trainer.step)  # where it starts (a resumed run: its checkpoint's step)
+        up("state", "running")
+
     try:
-        from distgpt.parallel.mesh import keep_gloo_on_loopback, shutdown_distributed
+        from distgpt.parallel.mesh import keep_gloo_on_loopback
         from distgpt.train.threads import use_threads
-        from distgpt.train.trainer import Trainer
 
         keep_gloo_on_loopback()
         use_threads(threads)
-        sink = _Sink(up)
-        trainer = Trainer(job, log=lambda line: up("log", line), plan=plan, sink=sink, hooks=_Hooks(drills, up))
-        for rec in trainer.replay:  # records the lost attempt may not have delivered (the controller dedups)
-            sink.write({**rec, "replayed": True})
-        up("step", trainer.step)  # where it starts (a resumed run: its checkpoint's step)
-        up("state", "running")
-        res = trainer.fit()
-        shutdown_distributed()
-        up("result", RunResult(res.steps, res.tokens_per_s, res.final_dir, res.loop_time, tuple(res.step_times)))
+        up("result", train_rank(job, plan, lambda line: up("log", line), lambda rec: up("record", rec),
+                                _Hooks(drills, up), running=running))
         return 0
     except BaseException as e:  # reported to the controller, which decides what to do
-        up("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+        up("error", failure_text(e))
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

@@ -11,29 +11,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
-import traceback
 from collections import deque
 from typing import Any
 
 from distgpt.config import JobConfig
 from distgpt.orchestrator.drills import RankDrills
-from distgpt.orchestrator.rank_process import RankProcess
+from distgpt.orchestrator.rank_process import RankProcess, failure_text, train_rank
 from distgpt.orchestrator.status import RankStatus, RunResult
 from distgpt.planner.plan import Plan
-
-
-class _QueueSink:
-    """Metric records go to the controller (via ``poll``) instead of a local file."""
-
-    def __init__(self, out: deque):
-        self.out = out
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.out.append({"time": time.time(), **record})
-
-    def close(self) -> None:
-        pass
 
 
 class TrainWorker:
@@ -102,25 +87,18 @@ class TrainWorker:
 
     def _run(self, job: JobConfig, plan: Plan, rollout: str, threads: int) -> None:
         from distgpt.orchestrator.rl_source import RolloutSource
-        from distgpt.parallel.mesh import shutdown_distributed
         from distgpt.train.threads import use_threads
-        from distgpt.train.trainer import Trainer
+
+        def running(trainer: Any) -> None:
+            self.trainer, self.state = trainer, "running"
 
         use_threads(threads)  # on the thread that trains: OpenMP keeps a count per thread (train/threads.py)
         try:
-            sink = _QueueSink(self.records)
             source = RolloutSource(job, rollout, self.rank)
-            self.trainer = Trainer(job, log=self.logs.append, plan=plan, sink=sink, hooks=self.drills, source=source)
-            for rec in self.trainer.replay:  # records the lost attempt may not have delivered (the controller dedups)
-                sink.write({**rec, "replayed": True})
-            self.state = "running"
-            res = self.trainer.fit()
-            shutdown_distributed()
-            self.result = RunResult(res.steps, res.tokens_per_s, res.final_dir, res.loop_time, tuple(res.step_times))
+            self.result = train_rank(job, plan, self.logs.append, self.records.append, self.drills, source, running)
             self.state = "done"
         except BaseException as e:  # reported to the controller, which decides what to do
-            self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-            self.state = "error"
+            self.error, self.state = failure_text(e), "error"
 
     def poll(self) -> RankStatus:
         """Heartbeat: current step (None before the trainer exists), new records and log lines, state, error."""
